@@ -1,0 +1,245 @@
+//! `POST /v1/chat/completions`: the request, its validation, and both response shapes.
+
+use hyper::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use super::openai::{self, ChunkFormat, Prepared, SamplingFields, StopField, StreamOptions};
+use super::{AppState, Handled, RequestCtx};
+use crate::infer::scheduler::{FinishReason, TokenLogprob};
+use crate::model::template::ChatMessage;
+
+/// Every field OpenAI's chat API defines is named here so that an unknown one is refused by
+/// name, and an unsupported one gets a specific answer instead of being silently ignored.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    pub max_tokens: Option<u64>,
+    pub max_completion_tokens: Option<u64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub seed: Option<i64>,
+    pub stop: Option<StopField>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub logprobs: Option<bool>,
+    pub top_logprobs: Option<u32>,
+    pub n: Option<u32>,
+    pub user: Option<String>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
+    pub response_format: Option<Value>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
+    pub metadata: Option<Value>,
+    pub store: Option<bool>,
+    /// Refused: templates come only from the model file.
+    pub chat_template: Option<Value>,
+    pub chat_template_kwargs: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Message {
+    pub role: String,
+    pub content: Option<Value>,
+    pub name: Option<String>,
+}
+
+/// Text of one message: a string, or an array of `{"type": "text", "text": ...}` parts.
+fn message_text(content: Option<Value>, i: usize) -> Result<String, ApiError> {
+    match content {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s),
+        Some(Value::Array(parts)) => {
+            let mut out = String::new();
+            for p in parts {
+                match p.get("type").and_then(Value::as_str) {
+                    Some("text") => out.push_str(p.get("text").and_then(Value::as_str).ok_or_else(|| {
+                        ApiError::invalid(format!("messages[{i}]: a text part needs a string `text`."), "messages")
+                    })?),
+                    Some("image_url") | Some("input_image") | Some("input_audio") | Some("file") => {
+                        return Err(ApiError::invalid(
+                            format!(
+                                "messages[{i}]: only text content is supported; URLs in requests \
+                                 are never fetched."
+                            ),
+                            "messages",
+                        ));
+                    }
+                    _ => return Err(ApiError::invalid(format!("messages[{i}]: unknown content part type."), "messages")),
+                }
+            }
+            Ok(out)
+        }
+        Some(_) => Err(ApiError::invalid(format!("messages[{i}].content must be a string or an array of parts."), "messages")),
+    }
+}
+
+fn refuse(present: bool, message: &str, param: &'static str) -> Result<(), ApiError> {
+    if present { Err(ApiError::invalid(message, param)) } else { Ok(()) }
+}
+
+pub fn prepare(state: &AppState, r: ChatRequest) -> Result<(Prepared, bool, bool), ApiError> {
+    openai::check_model(state, &r.model)?;
+    refuse(r.chat_template.is_some() || r.chat_template_kwargs.is_some(),
+        "Request-supplied chat templates are refused; the model's own template is used.", "chat_template")?;
+    refuse(r.tools.is_some() || r.tool_choice.is_some(), "Tools are not supported.", "tools")?;
+    refuse(r.logit_bias.as_ref().is_some_and(|m| !m.is_empty()), "logit_bias is not supported.", "logit_bias")?;
+    if let Some(rf) = &r.response_format
+        && rf.get("type").and_then(Value::as_str) != Some("text")
+    {
+        return Err(ApiError::invalid("Only response_format {\"type\": \"text\"} is supported.", "response_format"));
+    }
+    let sampling = openai::sampling(&SamplingFields {
+        temperature: r.temperature,
+        top_p: r.top_p,
+        top_k: r.top_k,
+        seed: r.seed,
+        presence_penalty: r.presence_penalty,
+        frequency_penalty: r.frequency_penalty,
+        n: r.n,
+    })?;
+    let stop = openai::stop_sequences(state, r.stop)?;
+    let top = openai::check_top_logprobs(r.top_logprobs)?;
+    if r.top_logprobs.is_some() && r.logprobs != Some(true) {
+        return Err(ApiError::invalid("top_logprobs requires logprobs = true.", "top_logprobs"));
+    }
+    let logprobs = (r.logprobs == Some(true)).then_some(top);
+
+    if r.messages.is_empty() {
+        return Err(ApiError::invalid("messages must not be empty.", "messages"));
+    }
+    if r.messages.len() > state.limits.max_messages {
+        return Err(ApiError::invalid(
+            format!("At most {} messages are allowed (limits.max_messages).", state.limits.max_messages),
+            "messages",
+        ));
+    }
+    let mut messages = Vec::with_capacity(r.messages.len());
+    for (i, m) in r.messages.into_iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            _ => return Err(ApiError::invalid(format!("messages[{i}].role must be system, developer, user or assistant."), "messages")),
+        };
+        messages.push(ChatMessage { role: role.into(), content: message_text(m.content, i)? });
+    }
+    let template = state.model.template.as_ref().ok_or_else(|| {
+        ApiError::invalid("This model has no chat template; use /v1/completions.", "messages")
+    })?;
+    let rendered = template.render(&messages, true).map_err(|e| {
+        tracing::warn!(error = %format!("{e:#}"), "chat template rejected the conversation");
+        ApiError::invalid("The model's chat template rejected these messages.", "messages")
+    })?;
+    let prompt = state.model.tokenizer.encode(&rendered).map_err(|e| {
+        tracing::error!(error = %format!("{e:#}"), "tokenizer failed");
+        ApiError::Internal
+    })?;
+    let requested = r.max_completion_tokens.or(r.max_tokens);
+    let max_tokens = openai::check_lengths(state, prompt.len(), requested, state.limits.max_tokens)?;
+    let stream = r.stream.unwrap_or(false);
+    let include_usage = r.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    if r.stream_options.is_some() && !stream {
+        return Err(ApiError::invalid("stream_options requires stream = true.", "stream_options"));
+    }
+    Ok((Prepared { prompt, max_tokens, sampling, stop, logprobs }, stream, include_usage))
+}
+
+pub async fn handle(state: &AppState, body: Value, ctx: &mut RequestCtx) -> Result<Handled, ApiError> {
+    let req: ChatRequest = serde_json::from_value(body).map_err(|e| ApiError::InvalidRequest {
+        message: format!("Invalid chat completion request: {e}."),
+        param: None,
+        code: "invalid_request",
+    })?;
+    let (prepared, stream, include_usage) = prepare(state, req)?;
+    let want_logprobs = prepared.logprobs.is_some();
+    let rx = openai::submit(state, ctx, prepared)?;
+    let id = format!("chatcmpl-{}", ctx.request_id);
+    let created = openai::unix_now();
+    let model = state.model.name.clone();
+    if stream {
+        let fmt = ChatChunks { id, created, model, want_logprobs };
+        return Ok(openai::stream(state, ctx, rx, fmt, include_usage));
+    }
+    let c = openai::collect(rx).await?;
+    let logprobs = if want_logprobs { json!({ "content": c.logprobs.iter().map(logprob_entry).collect::<Vec<_>>() }) } else { Value::Null };
+    let body = json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": { "role": "assistant", "content": c.text },
+            "logprobs": logprobs,
+            "finish_reason": c.finish.as_str(),
+        }],
+        "usage": openai::usage(c.prompt_tokens, c.completion_tokens),
+    });
+    Ok(Handled::json(StatusCode::OK, &body, (c.prompt_tokens, c.completion_tokens)))
+}
+
+fn logprob_entry(t: &TokenLogprob) -> Value {
+    json!({
+        "token": t.token,
+        "logprob": t.logprob,
+        "bytes": t.token.as_bytes(),
+        "top_logprobs": t.top.iter().map(|a| json!({
+            "token": a.token, "logprob": a.logprob, "bytes": a.token.as_bytes(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+struct ChatChunks {
+    id: String,
+    created: u64,
+    model: String,
+    want_logprobs: bool,
+}
+
+impl ChatChunks {
+    fn chunk(&self, delta: Value, logprobs: Value, finish: Option<&str>) -> Value {
+        json!({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model,
+            "choices": [{ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish }],
+        })
+    }
+}
+
+impl ChunkFormat for ChatChunks {
+    fn first(&mut self) -> Option<Value> {
+        Some(self.chunk(json!({ "role": "assistant", "content": "" }), Value::Null, None))
+    }
+
+    fn delta(&mut self, text: &str, logprobs: &[TokenLogprob]) -> Option<Value> {
+        if text.is_empty() && logprobs.is_empty() {
+            return None;
+        }
+        let lp = if self.want_logprobs {
+            json!({ "content": logprobs.iter().map(logprob_entry).collect::<Vec<_>>() })
+        } else {
+            Value::Null
+        };
+        Some(self.chunk(json!({ "content": text }), lp, None))
+    }
+
+    fn finish(&mut self, finish: FinishReason) -> Value {
+        self.chunk(json!({}), Value::Null, Some(finish.as_str()))
+    }
+
+    fn usage(&mut self, prompt: usize, completion: usize) -> Value {
+        json!({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model, "choices": [], "usage": openai::usage(prompt, completion),
+        })
+    }
+}

@@ -1,0 +1,180 @@
+//! `POST /v1/completions`: raw text (or token ids) in, text out; no chat template.
+
+use hyper::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use super::openai::{self, ChunkFormat, Prepared, SamplingFields, StopField, StreamOptions};
+use super::{AppState, Handled, RequestCtx};
+use crate::infer::scheduler::{FinishReason, TokenLogprob};
+
+/// OpenAI's default `max_tokens` for text completions.
+const DEFAULT_MAX_TOKENS: usize = 16;
+/// The legacy completions API allows at most 5 alternatives; we allow what chat allows.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: Value,
+    pub max_tokens: Option<u64>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub seed: Option<i64>,
+    pub stop: Option<StopField>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub logprobs: Option<u32>,
+    pub n: Option<u32>,
+    pub best_of: Option<u32>,
+    pub echo: Option<bool>,
+    pub suffix: Option<String>,
+    pub user: Option<String>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
+}
+
+/// The prompt as token ids: a string, a one-element array of strings, or an array of ids.
+fn prompt_ids(state: &AppState, prompt: Value) -> Result<Vec<u32>, ApiError> {
+    let bad = || ApiError::invalid("prompt must be a string, [string] or an array of token ids.", "prompt");
+    let text = match prompt {
+        Value::String(s) => s,
+        Value::Array(items) if items.len() == 1 && items[0].is_string() => {
+            items[0].as_str().unwrap_or_default().to_owned()
+        }
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_u64) => {
+            let vocab = state.model.tokenizer.vocab_size as u64;
+            return items
+                .iter()
+                .map(|v| v.as_u64().filter(|&id| id < vocab).map(|id| id as u32))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| ApiError::invalid(format!("Token ids must be below the vocabulary size {vocab}."), "prompt"));
+        }
+        _ => return Err(bad()),
+    };
+    if text.len() > state.limits.max_body_bytes {
+        return Err(bad());
+    }
+    state.model.tokenizer.encode(&text).map_err(|e| {
+        tracing::error!(error = %format!("{e:#}"), "tokenizer failed");
+        ApiError::Internal
+    })
+}
+
+pub async fn handle(state: &AppState, body: Value, ctx: &mut RequestCtx) -> Result<Handled, ApiError> {
+    let r: CompletionRequest = serde_json::from_value(body).map_err(|e| ApiError::InvalidRequest {
+        message: format!("Invalid completion request: {e}."),
+        param: None,
+        code: "invalid_request",
+    })?;
+    openai::check_model(state, &r.model)?;
+    if r.echo == Some(true) {
+        return Err(ApiError::invalid("echo is not supported.", "echo"));
+    }
+    if r.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid("suffix is not supported.", "suffix"));
+    }
+    if r.best_of.is_some_and(|b| b != 1) {
+        return Err(ApiError::invalid("Only best_of = 1 is supported.", "best_of"));
+    }
+    if r.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
+        return Err(ApiError::invalid("logit_bias is not supported.", "logit_bias"));
+    }
+    let sampling = openai::sampling(&SamplingFields {
+        temperature: r.temperature,
+        top_p: r.top_p,
+        top_k: r.top_k,
+        seed: r.seed,
+        presence_penalty: r.presence_penalty,
+        frequency_penalty: r.frequency_penalty,
+        n: r.n,
+    })?;
+    let stop = openai::stop_sequences(state, r.stop)?;
+    let logprobs = match r.logprobs {
+        Some(n) => Some(openai::check_top_logprobs(Some(n))?),
+        None => None,
+    };
+    let prompt = prompt_ids(state, r.prompt)?;
+    let max_tokens = openai::check_lengths(state, prompt.len(), r.max_tokens, DEFAULT_MAX_TOKENS)?;
+    let stream = r.stream.unwrap_or(false);
+    let include_usage = r.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+
+    let rx = openai::submit(state, ctx, Prepared { prompt, max_tokens, sampling, stop, logprobs })?;
+    let id = format!("cmpl-{}", ctx.request_id);
+    let created = openai::unix_now();
+    let model = state.model.name.clone();
+    if stream {
+        let fmt = TextChunks { id, created, model, want_logprobs: logprobs.is_some(), offset: 0 };
+        return Ok(openai::stream(state, ctx, rx, fmt, include_usage));
+    }
+    let c = openai::collect(rx).await?;
+    let lp = if logprobs.is_some() { legacy_logprobs(&c.logprobs, 0) } else { Value::Null };
+    let body = json!({
+        "id": id, "object": "text_completion", "created": created, "model": model,
+        "choices": [{ "text": c.text, "index": 0, "logprobs": lp, "finish_reason": c.finish.as_str() }],
+        "usage": openai::usage(c.prompt_tokens, c.completion_tokens),
+    });
+    Ok(Handled::json(StatusCode::OK, &body, (c.prompt_tokens, c.completion_tokens)))
+}
+
+/// The completions API's column-wise logprobs shape.
+fn legacy_logprobs(l: &[TokenLogprob], mut offset: usize) -> Value {
+    let mut offsets = Vec::with_capacity(l.len());
+    for t in l {
+        offsets.push(offset);
+        offset += t.token.len();
+    }
+    json!({
+        "tokens": l.iter().map(|t| t.token.clone()).collect::<Vec<_>>(),
+        "token_logprobs": l.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": l.iter().map(|t| {
+            t.top.iter().map(|a| (a.token.clone(), json!(a.logprob))).collect::<serde_json::Map<_, _>>()
+        }).collect::<Vec<_>>(),
+        "text_offset": offsets,
+    })
+}
+
+struct TextChunks {
+    id: String,
+    created: u64,
+    model: String,
+    want_logprobs: bool,
+    offset: usize,
+}
+
+impl TextChunks {
+    fn chunk(&self, text: &str, logprobs: Value, finish: Option<&str>) -> Value {
+        json!({
+            "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+            "choices": [{ "text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish }],
+        })
+    }
+}
+
+impl ChunkFormat for TextChunks {
+    fn first(&mut self) -> Option<Value> {
+        None
+    }
+
+    fn delta(&mut self, text: &str, logprobs: &[TokenLogprob]) -> Option<Value> {
+        if text.is_empty() && logprobs.is_empty() {
+            return None;
+        }
+        let lp = if self.want_logprobs { legacy_logprobs(logprobs, self.offset) } else { Value::Null };
+        self.offset += logprobs.iter().map(|t| t.token.len()).sum::<usize>();
+        Some(self.chunk(text, lp, None))
+    }
+
+    fn finish(&mut self, finish: FinishReason) -> Value {
+        self.chunk("", Value::Null, Some(finish.as_str()))
+    }
+
+    fn usage(&mut self, prompt: usize, completion: usize) -> Value {
+        json!({
+            "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+            "choices": [], "usage": openai::usage(prompt, completion),
+        })
+    }
+}

@@ -1,0 +1,135 @@
+//! The one error type of the API: each variant maps to a status and a generic client message
+//! in OpenAI's error shape. Causes go to the log only; nothing internal reaches a client.
+
+use hyper::StatusCode;
+use serde_json::json;
+
+#[derive(Debug)]
+pub enum ApiError {
+    /// No or wrong credentials, whatever the path or method.
+    Unauthorized,
+    NotFound,
+    MethodNotAllowed { allow: &'static str },
+    /// A request field is invalid; `param` names it.
+    InvalidRequest { message: String, param: Option<&'static str>, code: &'static str },
+    UnsupportedMediaType,
+    /// A configured limit was exceeded; `limit` is its configuration key.
+    BodyTooLarge { limit: usize },
+    HeadersTooLarge { message: String },
+    RateLimited { retry_after_secs: u64 },
+    Overloaded { what: &'static str, retry_after_secs: u64 },
+    ModelNotFound { model: String },
+    /// Something failed inside; the details were logged under the request id.
+    Internal,
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>, param: &'static str) -> Self {
+        Self::InvalidRequest { message: message.into(), param: Some(param), code: "invalid_value" }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NotFound | Self::ModelNotFound { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Short label for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unauthorized => "unauthorized",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
+            Self::InvalidRequest { .. } => "invalid_request",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::BodyTooLarge { .. } => "limits.max_body_bytes",
+            Self::HeadersTooLarge { .. } => "limits.headers",
+            Self::RateLimited { .. } => "limits.rate_limit_per_minute",
+            Self::Overloaded { what, .. } => what,
+            Self::ModelNotFound { .. } => "model_not_found",
+            Self::Internal => "internal",
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::RateLimited { retry_after_secs } | Self::Overloaded { retry_after_secs, .. } => {
+                Some(*retry_after_secs)
+            }
+            _ => None,
+        }
+    }
+
+    pub fn body(&self) -> serde_json::Value {
+        let (message, kind, param, code): (String, &str, Option<&str>, Option<&str>) = match self {
+            Self::Unauthorized => (
+                "A valid API key is required: send `Authorization: Bearer <key>`.".into(),
+                "invalid_request_error",
+                None,
+                Some("invalid_api_key"),
+            ),
+            Self::NotFound => ("Not found.".into(), "invalid_request_error", None, Some("not_found")),
+            Self::MethodNotAllowed { allow } => (
+                format!("Method not allowed; this route accepts {allow}."),
+                "invalid_request_error",
+                None,
+                Some("method_not_allowed"),
+            ),
+            Self::InvalidRequest { message, param, code } => {
+                (message.clone(), "invalid_request_error", *param, Some(code))
+            }
+            Self::UnsupportedMediaType => (
+                "Content-Type must be application/json.".into(),
+                "invalid_request_error",
+                None,
+                Some("unsupported_media_type"),
+            ),
+            Self::BodyTooLarge { limit } => (
+                format!("Request body exceeds limits.max_body_bytes ({limit} bytes)."),
+                "invalid_request_error",
+                None,
+                Some("body_too_large"),
+            ),
+            Self::HeadersTooLarge { message } => {
+                (message.clone(), "invalid_request_error", None, Some("headers_too_large"))
+            }
+            Self::RateLimited { retry_after_secs } => (
+                format!(
+                    "Rate limit for this key (limits.rate_limit_per_minute) reached; retry in \
+                     {retry_after_secs} s."
+                ),
+                "rate_limit_error",
+                None,
+                Some("rate_limit_exceeded"),
+            ),
+            Self::Overloaded { what, retry_after_secs } => (
+                format!("Server is at {what}; retry in {retry_after_secs} s."),
+                "server_error",
+                None,
+                Some("overloaded"),
+            ),
+            Self::ModelNotFound { model } => (
+                format!("The model {model:?} does not exist; GET /v1/models lists the models served."),
+                "invalid_request_error",
+                Some("model"),
+                Some("model_not_found"),
+            ),
+            Self::Internal => (
+                "The server failed to process the request.".into(),
+                "server_error",
+                None,
+                Some("internal_error"),
+            ),
+        };
+        json!({ "error": { "message": message, "type": kind, "param": param, "code": code } })
+    }
+}

@@ -1,0 +1,76 @@
+//! Command-line interface (contracts in DESIGN.md §5).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::LogFormat;
+
+#[derive(Parser)]
+#[command(name = "bulwark", about = "Secure-by-default LLM inference server", disable_version_flag = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Serve the configured model over the OpenAI-compatible API.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+        /// Overrides log.format from the configuration.
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
+    },
+    /// Validate a configuration file and exit.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+        /// Also load the keys file and TLS material and verify the model's pinned hash.
+        #[arg(long)]
+        check_files: bool,
+    },
+    /// Create a ready-to-serve directory: configuration, certificate, key and one API key.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// The model id clients use; defaults to the file name without extension.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// API key management.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Model file tools.
+    Model {
+        #[command(subcommand)]
+        command: ModelCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum KeysCommand {
+    /// Append a new hashed key to the keys file and print the key once.
+    New {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        keys_file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ModelCommand {
+    /// Print the SHA-256 to pin as model.sha256.
+    Hash { file: PathBuf },
+    /// Architecture, tensors and tokenizer summary.
+    Inspect { file: PathBuf },
+}

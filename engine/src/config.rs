@@ -1,0 +1,357 @@
+//! The configuration file: one TOML document, `deny_unknown_fields` everywhere, every value
+//! validated with an error that names its key. Relative paths are relative to the file.
+//! Every key is documented in docs/configuration.md.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde::{Deserialize, Serialize};
+
+use crate::infer::models::llama::WeightFormat;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub engine: EngineConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Where the file was read from; relative paths resolve against its directory.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// API listener, `ADDR:PORT`.
+    pub listen: SocketAddr,
+    /// TLS certificate chain (PEM). Required unless `plaintext = true`.
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM, mode 0600 or stricter).
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP: only accepted on a loopback `listen` address.
+    #[serde(default)]
+    pub plaintext: bool,
+    /// CA bundle (PEM): when set, API clients must present a certificate it signed.
+    pub client_ca: Option<PathBuf>,
+    /// Hashed API keys, one `name sha256:<hex>` per line (mode 0600 or stricter).
+    pub keys_file: PathBuf,
+    /// Browser origins allowed by CORS, exact `scheme://host[:port]` strings. Empty: CORS off.
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
+    /// Seconds allowed for in-flight requests to finish after SIGTERM.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_secs: u64,
+}
+
+fn default_shutdown_grace() -> u64 {
+    10
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Local GGUF file.
+    pub path: PathBuf,
+    /// SHA-256 of the file (`bulwark model hash FILE`); checked before parsing.
+    pub sha256: String,
+    /// The model id clients put in `model`.
+    pub name: String,
+    /// Context window in tokens (prompt + completion); at most the model's own.
+    pub context_length: Option<usize>,
+    /// How weights are held for compute: `f32` (default), `f16` or `quantized`.
+    #[serde(default = "default_weights")]
+    pub weights: WeightFormat,
+}
+
+fn default_weights() -> WeightFormat {
+    WeightFormat::F32
+}
+
+/// Limits on what clients may ask; each has a 4xx/503 answer that names it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub header_read_timeout_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub max_connections: usize,
+    pub max_in_flight: usize,
+    /// Requests per minute per key; 0 disables the rate limit.
+    pub rate_limit_per_minute: u32,
+    pub max_tokens: usize,
+    pub max_prompt_tokens: usize,
+    /// Requests waiting for a batch slot before 503.
+    pub queue_depth: usize,
+    /// Messages in one chat request.
+    pub max_messages: usize,
+    /// Stop sequences in one request.
+    pub max_stop_sequences: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1 << 20,
+            max_header_bytes: 16 << 10,
+            max_headers: 64,
+            header_read_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            max_connections: 256,
+            max_in_flight: 64,
+            rate_limit_per_minute: 600,
+            max_tokens: 2048,
+            max_prompt_tokens: 6144,
+            queue_depth: 64,
+            max_messages: 256,
+            max_stop_sequences: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Compute threads for the model; 0 picks the number of cores minus one (at least 1).
+    pub threads: usize,
+    /// Threads for the network runtime (TLS, HTTP).
+    pub io_threads: usize,
+    /// Sequences decoded together in one step.
+    pub max_batch: usize,
+    /// Prompt tokens processed per step across the batch (bounds a step's latency).
+    pub max_batch_tokens: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { threads: 0, io_threads: 1, max_batch: 16, max_batch_tokens: 512 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Prometheus listener; `None` disables it. Non-loopback needs `allow_non_loopback`.
+    pub listen: Option<SocketAddr>,
+    pub allow_non_loopback: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))), allow_non_loopback: false }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// Hard ceilings the configuration itself cannot raise (they protect the process).
+const MAX_BODY_BYTES_CEILING: usize = 64 << 20;
+const MAX_HEADER_BYTES_CEILING: usize = 1 << 20;
+/// hyper's own hard cap on the number of headers it parses.
+pub const MAX_HEADERS_CEILING: usize = 100;
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading configuration {}", path.display()))?;
+        let mut cfg: Config = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("configuration {} is invalid", path.display()))?;
+        cfg.base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
+        cfg.validate().with_context(|| format!("configuration {} is invalid", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() { p.to_owned() } else { self.base_dir.join(p) }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let s = &self.server;
+        if s.plaintext {
+            ensure!(
+                s.listen.ip().is_loopback(),
+                "server.plaintext = true is only allowed on a loopback server.listen address \
+                 (got {}); use TLS (server.tls_cert, server.tls_key)",
+                s.listen
+            );
+            ensure!(
+                s.client_ca.is_none(),
+                "server.client_ca needs TLS; it cannot be combined with server.plaintext"
+            );
+        } else {
+            ensure!(s.tls_cert.is_some(), "server.tls_cert is required unless server.plaintext = true");
+            ensure!(s.tls_key.is_some(), "server.tls_key is required unless server.plaintext = true");
+        }
+        for o in &s.cors_origins {
+            validate_origin(o).with_context(|| format!("server.cors_origins entry {o:?}"))?;
+        }
+        let m = &self.model;
+        ensure!(
+            m.sha256.len() == 64 && m.sha256.chars().all(|c| c.is_ascii_hexdigit()),
+            "model.sha256 must be 64 hex digits (run `bulwark model hash FILE`)"
+        );
+        ensure!(
+            !m.name.is_empty() && m.name.len() <= 128 && !m.name.chars().any(char::is_control),
+            "model.name must be 1 to 128 printable characters"
+        );
+        let l = &self.limits;
+        ensure!(
+            (1..=MAX_BODY_BYTES_CEILING).contains(&l.max_body_bytes),
+            "limits.max_body_bytes must be between 1 and {MAX_BODY_BYTES_CEILING}"
+        );
+        ensure!(
+            (1024..=MAX_HEADER_BYTES_CEILING).contains(&l.max_header_bytes),
+            "limits.max_header_bytes must be between 1024 and {MAX_HEADER_BYTES_CEILING}"
+        );
+        ensure!(
+            (1..=MAX_HEADERS_CEILING).contains(&l.max_headers),
+            "limits.max_headers must be between 1 and {MAX_HEADERS_CEILING}"
+        );
+        ensure!(l.header_read_timeout_secs >= 1, "limits.header_read_timeout_secs must be at least 1");
+        ensure!(l.idle_timeout_secs >= 1, "limits.idle_timeout_secs must be at least 1");
+        ensure!(l.max_connections >= 1, "limits.max_connections must be at least 1");
+        ensure!(l.max_in_flight >= 1, "limits.max_in_flight must be at least 1");
+        ensure!(l.max_tokens >= 1, "limits.max_tokens must be at least 1");
+        ensure!(l.max_prompt_tokens >= 1, "limits.max_prompt_tokens must be at least 1");
+        ensure!(l.queue_depth >= 1, "limits.queue_depth must be at least 1");
+        ensure!(l.max_messages >= 1, "limits.max_messages must be at least 1");
+        let e = &self.engine;
+        ensure!((1..=256).contains(&e.max_batch), "engine.max_batch must be between 1 and 256");
+        ensure!(e.max_batch_tokens >= 16, "engine.max_batch_tokens must be at least 16");
+        ensure!((1..=64).contains(&e.io_threads), "engine.io_threads must be between 1 and 64");
+        if let Some(addr) = self.metrics.listen {
+            ensure!(
+                addr.ip().is_loopback() || self.metrics.allow_non_loopback,
+                "metrics.listen {addr} is not loopback; metrics carry operational data, set \
+                 metrics.allow_non_loopback = true to expose them deliberately"
+            );
+            ensure!(addr != s.listen, "metrics.listen must differ from server.listen");
+        }
+        Ok(())
+    }
+
+    pub fn compute_threads(&self) -> usize {
+        if self.engine.threads > 0 {
+            return self.engine.threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cores.saturating_sub(1).max(1)
+    }
+}
+
+/// An origin is `scheme://host[:port]` exactly as browsers send it: no path, no wildcard.
+fn validate_origin(o: &str) -> Result<()> {
+    if o.contains('*') {
+        bail!("wildcards are not allowed; list each origin exactly");
+    }
+    let rest = o
+        .strip_prefix("https://")
+        .or_else(|| o.strip_prefix("http://"))
+        .context("an origin starts with https:// or http://")?;
+    ensure!(!rest.is_empty(), "an origin needs a host");
+    ensure!(!rest.contains('/'), "an origin has no path (not even a trailing /)");
+    ensure!(
+        rest.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']')),
+        "an origin contains only a host and an optional port"
+    );
+    ensure!(o == o.to_ascii_lowercase(), "write the origin in lower case, as browsers send it");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> String {
+        r#"
+[server]
+listen = "0.0.0.0:8443"
+tls_cert = "cert.pem"
+tls_key = "key.pem"
+keys_file = "keys"
+[model]
+path = "m.gguf"
+sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+name = "smollm2"
+"#
+        .to_owned()
+    }
+
+    fn parse(s: &str) -> Result<Config> {
+        let cfg: Config = toml::from_str(s).map_err(|e| anyhow::anyhow!("{e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn minimal_config_is_valid() {
+        parse(&base()).unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse(&format!("{}\n[limits]\nmax_tokenz = 5\n", base())).unwrap_err();
+        assert!(format!("{err:#}").contains("max_tokenz"), "{err:#}");
+    }
+
+    #[test]
+    fn cors_wildcard_is_rejected() {
+        let s = base().replace("keys_file = \"keys\"", "keys_file = \"keys\"\ncors_origins = [\"*\"]");
+        let err = parse(&s).unwrap_err();
+        assert!(format!("{err:#}").contains("wildcard"), "{err:#}");
+        let s = base().replace("keys_file = \"keys\"", "keys_file = \"keys\"\ncors_origins = [\"https://*.example.com\"]");
+        assert!(parse(&s).is_err());
+    }
+
+    #[test]
+    fn plaintext_only_on_loopback() {
+        let s = base().replace("tls_cert = \"cert.pem\"\ntls_key = \"key.pem\"", "plaintext = true");
+        let err = parse(&s).unwrap_err();
+        assert!(format!("{err:#}").contains("loopback"), "{err:#}");
+        parse(&s.replace("0.0.0.0:8443", "127.0.0.1:8443")).unwrap();
+    }
+
+    #[test]
+    fn tls_required_by_default() {
+        let s = base().replace("tls_cert = \"cert.pem\"\n", "");
+        let err = parse(&s).unwrap_err();
+        assert!(format!("{err:#}").contains("server.tls_cert"), "{err:#}");
+    }
+
+    #[test]
+    fn metrics_on_public_address_needs_opt_in() {
+        let s = format!("{}\n[metrics]\nlisten = \"0.0.0.0:9464\"\n", base());
+        let err = parse(&s).unwrap_err();
+        assert!(format!("{err:#}").contains("metrics.allow_non_loopback"), "{err:#}");
+    }
+
+    #[test]
+    fn bad_pin_is_named() {
+        let s = base().replace("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "abc");
+        let err = parse(&s).unwrap_err();
+        assert!(format!("{err:#}").contains("model.sha256"), "{err:#}");
+    }
+}

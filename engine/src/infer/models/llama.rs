@@ -1,0 +1,384 @@
+//! The Llama architecture (Llama 2/3, SmolLM, TinyLlama, ...) over a packed batch.
+//!
+//! One forward pass takes any mix of sequences, each contributing one or more new tokens (a
+//! prompt chunk or a single decode token). Their rows are packed into one matrix so every
+//! projection and MLP runs as one matrix multiply for the whole batch (that is what makes
+//! continuous batching pay on a CPU: the weights are streamed once per step, not once per
+//! sequence). Only attention is per sequence, against that sequence's own KV cache.
+//!
+//! Layers are addressed by index so that a pipeline stage can own a contiguous range of them.
+
+use std::ops::Range;
+
+use anyhow::{Context, Result, bail, ensure};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::model::gguf::GgufFile;
+
+/// How the weights are held in memory for compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WeightFormat {
+    /// Dequantize to f32 at load: exact kernels and fast batched GEMM (about 4x the file size
+    /// in memory; 540 MB for the demo model). The default.
+    F32,
+    /// Dequantize to f16: half the memory of f32.
+    F16,
+    /// Keep the file's quantized blocks: least memory; activations are quantized to 8 bits,
+    /// which flips near-tied greedy choices on small models.
+    Quantized,
+}
+
+/// Hyper-parameters read from the GGUF metadata.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LlamaConfig {
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub head_dim: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f64,
+    pub vocab: usize,
+    pub context_length: usize,
+}
+
+impl LlamaConfig {
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
+        let arch = gguf.get_str("general.architecture")?;
+        if arch != "llama" {
+            bail!("general.architecture is {arch:?}; only \"llama\" models are supported");
+        }
+        let n_head = gguf.get_u32("llama.attention.head_count")? as usize;
+        let hidden = gguf.get_u32("llama.embedding_length")? as usize;
+        ensure!(n_head > 0 && hidden % n_head == 0, "embedding_length not divisible by head_count");
+        let n_kv_head = gguf.opt_u32("llama.attention.head_count_kv").map_or(n_head, |v| v as usize);
+        ensure!(n_kv_head > 0 && n_head % n_kv_head == 0, "head_count not divisible by head_count_kv");
+        let head_dim = gguf.opt_u32("llama.rope.dimension_count").map_or(hidden / n_head, |v| v as usize);
+        ensure!(head_dim == hidden / n_head, "partial rotary embeddings are not supported");
+        if gguf.has_tensor("rope_freqs.weight") {
+            bail!("models with rope frequency factors (rope_freqs.weight) are not supported");
+        }
+        let vocab = match gguf.opt_u32("llama.vocab_size") {
+            Some(v) => v as usize,
+            None => gguf.get_array("tokenizer.ggml.tokens")?.len(),
+        };
+        Ok(Self {
+            n_layer: gguf.get_u32("llama.block_count")? as usize,
+            n_head,
+            n_kv_head,
+            hidden,
+            ffn: gguf.get_u32("llama.feed_forward_length")? as usize,
+            head_dim,
+            rope_theta: gguf.opt_f32("llama.rope.freq_base").unwrap_or(10_000.0),
+            rms_eps: gguf.opt_f32("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f64,
+            vocab,
+            context_length: gguf.opt_u32("llama.context_length").unwrap_or(2048) as usize,
+        })
+    }
+}
+
+fn linear(q: QTensor, format: WeightFormat, device: &Device) -> Result<QMatMul> {
+    Ok(match (format, q.dtype()) {
+        (WeightFormat::F32, _) | (_, GgmlDType::F32) => QMatMul::Tensor(q.dequantize(device)?),
+        (WeightFormat::F16, _) => QMatMul::TensorF16(q.dequantize_f16(device)?),
+        (WeightFormat::Quantized, _) => QMatMul::QTensor(std::sync::Arc::new(q)),
+    })
+}
+
+struct Block {
+    attn_norm: Tensor,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    ffn_norm: Tensor,
+    w_gate: QMatMul,
+    w_up: QMatMul,
+    w_down: QMatMul,
+}
+
+impl Block {
+    fn load(gguf: &mut GgufFile, i: usize, format: WeightFormat, dev: &Device) -> Result<Self> {
+        let mut t = |name: &str| gguf.tensor(&format!("blk.{i}.{name}.weight"), dev);
+        Ok(Self {
+            attn_norm: t("attn_norm")?.dequantize(dev)?,
+            wq: linear(t("attn_q")?, format, dev)?,
+            wk: linear(t("attn_k")?, format, dev)?,
+            wv: linear(t("attn_v")?, format, dev)?,
+            wo: linear(t("attn_output")?, format, dev)?,
+            ffn_norm: t("ffn_norm")?.dequantize(dev)?,
+            w_gate: linear(t("ffn_gate")?, format, dev)?,
+            w_up: linear(t("ffn_up")?, format, dev)?,
+            w_down: linear(t("ffn_down")?, format, dev)?,
+        })
+    }
+}
+
+/// Smallest KV capacity allocated for a sequence; it doubles from there as the sequence grows,
+/// so memory follows the real length rather than the model's maximum context.
+const KV_MIN_CAPACITY: usize = 64;
+
+/// One layer's keys and values for one sequence: `[n_kv_head, capacity, head_dim]`.
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+}
+
+/// The KV cache of one sequence across the layers this model instance owns.
+pub struct SeqCache {
+    layers: Vec<Option<LayerKv>>,
+    len: usize,
+}
+
+impl SeqCache {
+    /// Tokens already in the cache: the position of the next token.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Append `k`/`v` (`[n_kv, t, d]`) for `layer`; returns the whole cached history.
+    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(1)?;
+        let needed = self.len + t;
+        let slot = &mut self.layers[layer];
+        let capacity = slot.as_ref().map_or(0, |kv| kv.k.dims()[1]);
+        if needed > capacity {
+            let capacity = needed.next_power_of_two().max(KV_MIN_CAPACITY);
+            let (h, d) = (k.dim(0)?, k.dim(2)?);
+            let k_new = Tensor::zeros((h, capacity, d), k.dtype(), k.device())?;
+            let v_new = Tensor::zeros((h, capacity, d), v.dtype(), v.device())?;
+            if let Some(old) = slot.take()
+                && self.len > 0
+            {
+                k_new.slice_set(&old.k.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+                v_new.slice_set(&old.v.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+            }
+            *slot = Some(LayerKv { k: k_new, v: v_new });
+        }
+        let kv = slot.as_ref().context("kv slot")?;
+        kv.k.slice_set(k, 1, self.len)?;
+        kv.v.slice_set(v, 1, self.len)?;
+        Ok((kv.k.narrow(1, 0, needed)?, kv.v.narrow(1, 0, needed)?))
+    }
+}
+
+/// One sequence's part of a batched step.
+pub struct BatchItem<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SeqCache,
+}
+
+pub struct LlamaModel {
+    pub cfg: LlamaConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    layers: Range<usize>,
+    norm: Tensor,
+    lm_head: QMatMul,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+    pub weight_format: WeightFormat,
+}
+
+impl LlamaModel {
+    /// Load every layer. `max_seq_len` bounds the rotary tables (and so the context).
+    pub fn load(
+        gguf: &mut GgufFile,
+        format: WeightFormat,
+        device: &Device,
+        max_seq_len: usize,
+    ) -> Result<Self> {
+        let cfg = LlamaConfig::from_gguf(gguf)?;
+        Self::load_layers(gguf, cfg.clone(), 0..cfg.n_layer, format, device, max_seq_len)
+    }
+
+    fn load_layers(
+        gguf: &mut GgufFile,
+        cfg: LlamaConfig,
+        layers: Range<usize>,
+        format: WeightFormat,
+        device: &Device,
+        max_seq_len: usize,
+    ) -> Result<Self> {
+        let embed_q = gguf.tensor("token_embd.weight", device)?;
+        ensure!(
+            embed_q.shape().dims() == [cfg.vocab, cfg.hidden],
+            "token_embd.weight has shape {:?}, expected [{}, {}]",
+            embed_q.shape().dims(),
+            cfg.vocab,
+            cfg.hidden
+        );
+        let embed = embed_q.dequantize(device)?;
+        // Models without an output head share the embedding matrix (tied weights).
+        let lm_head = if gguf.has_tensor("output.weight") {
+            linear(gguf.tensor("output.weight", device)?, format, device)?
+        } else {
+            match format {
+                WeightFormat::F16 => QMatMul::TensorF16(embed.to_dtype(DType::F16)?),
+                WeightFormat::F32 => QMatMul::Tensor(embed.clone()),
+                WeightFormat::Quantized => QMatMul::QTensor(std::sync::Arc::new(embed_q)),
+            }
+        };
+        let blocks = layers
+            .clone()
+            .map(|i| Block::load(gguf, i, format, device))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = gguf.tensor("output_norm.weight", device)?.dequantize(device)?;
+
+        let half = cfg.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        let pos = Tensor::arange(0u32, max_seq_len as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((max_seq_len, 1))?;
+        let freqs = pos.broadcast_mul(&inv_freq)?;
+        Ok(Self {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+            cfg,
+            embed,
+            blocks,
+            layers,
+            norm,
+            lm_head,
+            device: device.clone(),
+            weight_format: format,
+        })
+    }
+
+    pub fn max_seq_len(&self) -> usize {
+        self.cos.dim(0).unwrap_or(0)
+    }
+
+    pub fn new_cache(&self) -> SeqCache {
+        SeqCache { layers: (0..self.blocks.len()).map(|_| None).collect(), len: 0 }
+    }
+
+    /// Run one batched step; returns the next-token logits (f32, `vocab` long) for the last
+    /// token of every item, in order. Advances every item's cache.
+    pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>> {
+        ensure!(!items.is_empty(), "empty batch");
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut last_rows = Vec::with_capacity(items.len());
+        for it in items.iter() {
+            ensure!(!it.tokens.is_empty(), "batch item without tokens");
+            ensure!(
+                it.cache.len() + it.tokens.len() <= self.max_seq_len(),
+                "sequence exceeds the context length {}",
+                self.max_seq_len()
+            );
+            for (j, &t) in it.tokens.iter().enumerate() {
+                ids.push(t);
+                positions.push((it.cache.len() + j) as u32);
+            }
+            last_rows.push((ids.len() - 1) as u32);
+        }
+        let n = ids.len();
+        let ids_t = Tensor::from_vec(ids, n, &self.device)?;
+        let pos_t = Tensor::from_vec(positions, n, &self.device)?;
+        let cos = self.cos.index_select(&pos_t, 0)?.contiguous()?;
+        let sin = self.sin.index_select(&pos_t, 0)?.contiguous()?;
+
+        let mut x = self.embed.index_select(&ids_t, 0)?;
+        for (li, block) in self.blocks.iter().enumerate() {
+            x = self.block_forward(block, li, &x, &cos, &sin, items)?;
+        }
+        for it in items.iter_mut() {
+            it.cache.len += it.tokens.len();
+        }
+        let last = Tensor::from_vec(last_rows, items.len(), &self.device)?;
+        let x = x.index_select(&last, 0)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_eps as f32)?;
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        Ok(logits.to_vec2::<f32>()?)
+    }
+
+    fn block_forward(
+        &self,
+        b: &Block,
+        layer: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        items: &mut [BatchItem<'_>],
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let n = x.dim(0)?;
+        let h = candle_nn::ops::rms_norm(x, &b.attn_norm, c.rms_eps as f32)?;
+        // [n, heads*d] -> [1, heads, n, d] so that every row gets the rotation of its position.
+        let heads = |t: Tensor, nh: usize| -> Result<Tensor> {
+            Ok(t.reshape((n, nh, c.head_dim))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
+        };
+        let q = heads(b.wq.forward(&h)?, c.n_head)?;
+        let k = heads(b.wk.forward(&h)?, c.n_kv_head)?;
+        let v = heads(b.wv.forward(&h)?, c.n_kv_head)?.squeeze(0)?;
+        let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?.squeeze(0)?;
+        let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?.squeeze(0)?;
+
+        let group = c.n_head / c.n_kv_head;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let mut outs = Vec::with_capacity(items.len());
+        let mut row = 0;
+        for it in items.iter_mut() {
+            let t = it.tokens.len();
+            let past = it.cache.len();
+            let (kc, vc) = it.cache.append(
+                layer,
+                &k.narrow(1, row, t)?.contiguous()?,
+                &v.narrow(1, row, t)?.contiguous()?,
+            )?;
+            let total = past + t;
+            // Grouped-query attention without copying K/V per query head: the query heads
+            // that share a KV head are stacked as extra rows of that head's matrix.
+            let qi = q.narrow(1, row, t)?.contiguous()?.reshape((c.n_kv_head, group * t, c.head_dim))?;
+            let att = (qi.matmul(&kc.t()?)? * scale)?;
+            let att = if t > 1 {
+                let mask: Vec<f32> = (0..t)
+                    .flat_map(|i| {
+                        (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
+                    })
+                    .collect();
+                let mask = Tensor::from_vec(mask, (t, total), &self.device)?;
+                att.reshape((c.n_kv_head, group, t, total))?
+                    .broadcast_add(&mask)?
+                    .reshape((c.n_kv_head, group * t, total))?
+            } else {
+                att
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let o = att.matmul(&vc.contiguous()?)?.reshape((c.n_head, t, c.head_dim))?;
+            outs.push(o);
+            row += t;
+        }
+        let o = Tensor::cat(&outs, 1)?.transpose(0, 1)?.contiguous()?.reshape((n, c.hidden))?;
+        let x = (x + b.wo.forward(&o)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, c.rms_eps as f32)?;
+        let gate = candle_nn::ops::silu(&b.w_gate.forward(&h)?)?;
+        let mlp = b.w_down.forward(&(gate * b.w_up.forward(&h)?)?)?;
+        Ok((x + mlp)?)
+    }
+
+    /// Layers held by this instance (all of them on a single node).
+    pub fn layer_range(&self) -> Range<usize> {
+        self.layers.clone()
+    }
+}
+
+/// log-softmax of one row of logits, in f64 for stable small probabilities.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    logits.iter().map(|&l| (l as f64 - lse) as f32).collect()
+}

@@ -1,0 +1,3 @@
+//! Model architectures, one file each, in candle's shape.
+
+pub mod llama;

@@ -1,0 +1,360 @@
+//! Continuous batching: one inference thread owns the model and, every step, runs all active
+//! sequences together: one token for each decoding sequence plus prompt chunks for new ones,
+//! within a token budget. New requests join at the next step; finished or abandoned ones
+//! leave at once. The HTTP side talks to it only through bounded channels.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::models::llama::{BatchItem, LlamaModel, SeqCache, log_softmax};
+use super::sampler::{Sampler, SamplingParams};
+use crate::metrics::Metrics;
+use crate::model::ModelInfo;
+use crate::model::tokenizer::Detokenizer;
+
+/// Most alternatives a request may ask for per position (OpenAI's `top_logprobs` maximum).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Capacity of a request's event channel: one event per generated token plus the final one,
+/// so the inference thread never blocks on (or drops events for) a client that reads slowly.
+pub fn event_capacity(max_tokens: usize) -> usize {
+    max_tokens + 2
+}
+
+#[derive(Debug)]
+pub struct GenRequest {
+    pub request_id: String,
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    /// `Some(n)`: report the chosen token's logprob and the `n` most likely alternatives.
+    pub logprobs: Option<usize>,
+    pub events: mpsc::Sender<Event>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Event {
+    /// New text (possibly empty while a character or a stop sequence is incomplete) and the
+    /// tokens it came from, when logprobs were asked for.
+    Delta { text: String, logprobs: Vec<TokenLogprob> },
+    Done { finish: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    /// The step failed; the cause is in the server log.
+    Failed,
+}
+
+/// The queue is full: the caller answers 503 with Retry-After.
+#[derive(Debug)]
+pub struct QueueFull;
+
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    tx: mpsc::Sender<GenRequest>,
+    metrics: Arc<Metrics>,
+}
+
+impl SchedulerHandle {
+    pub fn submit(&self, req: GenRequest) -> Result<(), QueueFull> {
+        self.tx.try_send(req).map_err(|_| QueueFull)?;
+        self.metrics.queued.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+pub struct SchedulerConfig {
+    pub max_batch: usize,
+    pub max_batch_tokens: usize,
+    pub queue_depth: usize,
+}
+
+/// Start the inference thread. It ends when every handle is dropped and the queue is empty.
+pub fn spawn(
+    model: LlamaModel,
+    info: Arc<ModelInfo>,
+    cfg: SchedulerConfig,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<(SchedulerHandle, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel(cfg.queue_depth);
+    let m = metrics.clone();
+    let join = std::thread::Builder::new()
+        .name("bulwark-infer".into())
+        .spawn(move || Scheduler { model, info, cfg, metrics: m, active: Vec::new() }.run(rx))?;
+    Ok((SchedulerHandle { tx, metrics }, join))
+}
+
+struct Active {
+    req: GenRequest,
+    cache: SeqCache,
+    sampler: Sampler,
+    detok: Detokenizer,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    /// The token to feed next while decoding.
+    last: [u32; 1],
+    generated: usize,
+    pending_text: String,
+    pending_logprobs: Vec<TokenLogprob>,
+    started: Instant,
+}
+
+struct Scheduler {
+    model: LlamaModel,
+    info: Arc<ModelInfo>,
+    cfg: SchedulerConfig,
+    metrics: Arc<Metrics>,
+    active: Vec<Active>,
+}
+
+impl Scheduler {
+    fn run(mut self, mut rx: mpsc::Receiver<GenRequest>) {
+        loop {
+            if self.active.is_empty() {
+                match rx.blocking_recv() {
+                    Some(r) => self.admit(r),
+                    None => return,
+                }
+            }
+            while self.active.len() < self.cfg.max_batch {
+                match rx.try_recv() {
+                    Ok(r) => self.admit(r),
+                    Err(_) => break,
+                }
+            }
+            // A client that went away frees its slot before the next step.
+            let before = self.active.len();
+            self.active.retain(|a| !a.req.events.is_closed());
+            let gone = before - self.active.len();
+            if gone > 0 {
+                self.metrics.cancelled.fetch_add(gone as u64, Ordering::Relaxed);
+            }
+            self.metrics.active.store(self.active.len() as u64, Ordering::Relaxed);
+            if !self.active.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    fn admit(&mut self, req: GenRequest) {
+        self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+        let sampler = Sampler::new(req.sampling.clone());
+        self.active.push(Active {
+            cache: self.model.new_cache(),
+            sampler,
+            detok: Detokenizer::new(),
+            prefilled: 0,
+            last: [0],
+            generated: 0,
+            pending_text: String::new(),
+            pending_logprobs: Vec::new(),
+            started: Instant::now(),
+            req,
+        });
+    }
+
+    fn step(&mut self) {
+        // Decoding sequences first (one token each), then prompt chunks in the remaining budget.
+        let mut budget = self.cfg.max_batch_tokens.max(self.active.len());
+        let mut plan: Vec<(usize, usize)> = Vec::new(); // (index into active, tokens this step)
+        for (i, a) in self.active.iter().enumerate() {
+            if a.prefilled == a.req.prompt.len() {
+                plan.push((i, 1));
+                budget -= 1;
+            }
+        }
+        for (i, a) in self.active.iter().enumerate() {
+            let left = a.req.prompt.len() - a.prefilled;
+            if left > 0 && budget > 0 {
+                let n = left.min(budget);
+                plan.push((i, n));
+                budget -= n;
+            }
+        }
+        plan.sort_unstable();
+        let mut planned = plan.iter().peekable();
+        let mut items: Vec<BatchItem<'_>> = Vec::with_capacity(plan.len());
+        for (i, a) in self.active.iter_mut().enumerate() {
+            let Some(&(_, n)) = planned.next_if(|(j, _)| *j == i) else { continue };
+            let tokens: &[u32] = if a.prefilled < a.req.prompt.len() {
+                &a.req.prompt[a.prefilled..a.prefilled + n]
+            } else {
+                &a.last
+            };
+            items.push(BatchItem { tokens, cache: &mut a.cache });
+        }
+        let result = self.model.forward(&mut items);
+        drop(items);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "inference step failed");
+                for &(i, _) in &plan {
+                    let _ = self.active[i].req.events.try_send(Event::Failed);
+                }
+                let failed: Vec<usize> = plan.iter().map(|p| p.0).collect();
+                let mut idx = 0;
+                self.active.retain(|_| {
+                    idx += 1;
+                    !failed.contains(&(idx - 1))
+                });
+                return;
+            }
+        };
+
+        let mut finished = Vec::new();
+        for (&(i, n), row) in plan.iter().zip(logits) {
+            let a = &mut self.active[i];
+            let prefilling = a.prefilled < a.req.prompt.len();
+            if prefilling {
+                a.prefilled += n;
+                self.metrics.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
+                if a.prefilled < a.req.prompt.len() {
+                    continue; // more prompt to go: these logits are not a prediction we need
+                }
+                let ttft = a.started.elapsed();
+                self.metrics.observe_ttft(ttft);
+            }
+            if let Some(reason) = self.emit_token(i, &row) {
+                finished.push((i, reason));
+            }
+        }
+        for &(i, reason) in finished.iter().rev() {
+            let a = self.active.swap_remove(i);
+            self.finish(a, reason);
+        }
+    }
+
+    /// Sample the next token of sequence `i`; returns a finish reason when it is done.
+    fn emit_token(&mut self, i: usize, logits: &[f32]) -> Option<FinishReason> {
+        let tok = &self.info.tokenizer;
+        let a = &mut self.active[i];
+        let id = a.sampler.sample(logits);
+        a.generated += 1;
+        a.last = [id];
+        self.metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
+
+        if let Some(n) = a.req.logprobs {
+            let lp = log_softmax(logits);
+            let mut order: Vec<u32> = (0..lp.len() as u32).collect();
+            let k = n.min(MAX_TOP_LOGPROBS);
+            if k > 0 {
+                order.select_nth_unstable_by(k - 1, |&x, &y| lp[y as usize].total_cmp(&lp[x as usize]));
+                order.truncate(k);
+                order.sort_by(|&x, &y| lp[y as usize].total_cmp(&lp[x as usize]));
+            } else {
+                order.clear();
+            }
+            a.pending_logprobs.push(TokenLogprob {
+                id,
+                token: tok.token_text(id),
+                logprob: lp[id as usize],
+                top: order
+                    .iter()
+                    .map(|&t| TopLogprob { token: tok.token_text(t), logprob: lp[t as usize] })
+                    .collect(),
+            });
+        }
+
+        if tok.stop_ids.contains(&id) {
+            return Some(FinishReason::Stop);
+        }
+        let delta = a.detok.push(tok, id);
+        a.pending_text.push_str(&delta);
+
+        // Stop sequences: cut at the first match; hold back a tail that could start one.
+        if let Some(pos) = a.req.stop.iter().filter_map(|s| a.pending_text.find(s.as_str())).min() {
+            a.pending_text.truncate(pos);
+            return Some(FinishReason::Stop);
+        }
+        let hold = a
+            .req
+            .stop
+            .iter()
+            .map(|s| longest_suffix_prefix(&a.pending_text, s))
+            .max()
+            .unwrap_or(0);
+        if a.generated >= a.req.max_tokens {
+            return Some(FinishReason::Length);
+        }
+        let release = a.pending_text.len() - hold;
+        if release > 0 || !a.pending_logprobs.is_empty() {
+            let text: String = a.pending_text.drain(..release).collect();
+            let logprobs = std::mem::take(&mut a.pending_logprobs);
+            if a.req.events.try_send(Event::Delta { text, logprobs }).is_err() {
+                // Receiver gone (client left); the next step's sweep frees the slot.
+            }
+        }
+        None
+    }
+
+    fn finish(&mut self, mut a: Active, finish: FinishReason) {
+        let text = std::mem::take(&mut a.pending_text);
+        let logprobs = std::mem::take(&mut a.pending_logprobs);
+        if !text.is_empty() || !logprobs.is_empty() {
+            let _ = a.req.events.try_send(Event::Delta { text, logprobs });
+        }
+        let _ = a.req.events.try_send(Event::Done {
+            finish,
+            prompt_tokens: a.req.prompt.len(),
+            completion_tokens: a.generated,
+        });
+        self.metrics.completed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of `stop`, on a char boundary.
+fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
+    let max = stop.len().saturating_sub(1).min(text.len());
+    (1..=max)
+        .rev()
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n)
+                && stop.is_char_boundary(n)
+                && stop.starts_with(&text[text.len() - n..])
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_back_a_partial_stop_sequence() {
+        assert_eq!(longest_suffix_prefix("hello wor", "world"), 3);
+        assert_eq!(longest_suffix_prefix("hello", "world"), 0);
+        assert_eq!(longest_suffix_prefix("abc\n\n", "\n\nUser:"), 2);
+        assert_eq!(longest_suffix_prefix("ü", "üx"), 2);
+    }
+}

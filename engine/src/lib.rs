@@ -1,0 +1,12 @@
+//! Bulwark: a secure-by-default LLM inference server. The binary is `src/main.rs`; this library
+//! exposes the parts so that integration tests can drive them without a socket.
+
+pub mod api;
+pub mod certs;
+pub mod cli;
+pub mod config;
+pub mod infer;
+pub mod keys;
+pub mod metrics;
+pub mod model;
+pub mod serve;

@@ -1,0 +1,133 @@
+//! The `bulwark` binary.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use bulwark::cli::{Cli, Command, KeysCommand, ModelCommand};
+use bulwark::config::{Config, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BULWARK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().flatten_event(true).init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Serve { config, log_format } => {
+            let cfg = Config::load(&config)?;
+            init_logging(log_format.unwrap_or(cfg.log.format));
+            set_compute_threads(cfg.compute_threads());
+            bulwark::serve::run(&config)?;
+        }
+        Command::CheckConfig { config, check_files } => {
+            let cfg = Config::load(&config)?;
+            if check_files {
+                check_files_of(&cfg)?;
+            }
+            println!("{}: ok", config.display());
+        }
+        Command::Init { dir, model, listen, name } => init(&dir, &model, listen, name)?,
+        Command::Keys { command: KeysCommand::New { name, keys_file } } => {
+            let key = bulwark::keys::append_new_key(&keys_file, &name)?;
+            eprintln!("added key {name:?} to {}; it is shown only once:", keys_file.display());
+            println!("{key}");
+        }
+        Command::Model { command: ModelCommand::Hash { file } } => {
+            println!("{}", bulwark::model::gguf::sha256_file(&file)?);
+        }
+        Command::Model { command: ModelCommand::Inspect { file } } => {
+            print!("{}", bulwark::model::inspect(&file)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Size candle's compute pool before any thread exists: an oversubscribed spin-waiting pool
+/// collapses throughput on small machines.
+fn set_compute_threads(n: usize) {
+    // SAFETY: called from main before any other thread is started, so no thread can be reading
+    // the environment concurrently.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+}
+
+fn check_files_of(cfg: &Config) -> Result<()> {
+    bulwark::keys::KeyStore::load(&cfg.resolve(&cfg.server.keys_file))?;
+    if let (Some(c), Some(k)) = (&cfg.server.tls_cert, &cfg.server.tls_key) {
+        bulwark::api::tls::server_config(
+            &cfg.resolve(c),
+            &cfg.resolve(k),
+            cfg.server.client_ca.as_ref().map(|p| cfg.resolve(p)).as_deref(),
+        )?;
+    }
+    let model = cfg.resolve(&cfg.model.path);
+    let actual = bulwark::model::gguf::sha256_file(&model)?;
+    anyhow::ensure!(
+        actual.eq_ignore_ascii_case(&cfg.model.sha256),
+        "model file {} has SHA-256 {actual}, but model.sha256 pins {}",
+        model.display(),
+        cfg.model.sha256
+    );
+    Ok(())
+}
+
+fn init(dir: &Path, model: &Path, listen: std::net::SocketAddr, name: Option<String>) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let model = std::fs::canonicalize(model).with_context(|| format!("model file {}", model.display()))?;
+    if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+        anyhow::bail!("{} exists and is not empty; choose a new directory", dir.display());
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    eprintln!("hashing {} ...", model.display());
+    let sha = bulwark::model::gguf::sha256_file(&model)?;
+    // Refuse to write a configuration for a file we cannot serve.
+    bulwark::model::inspect(&model)?;
+    let name = name.unwrap_or_else(|| {
+        model.file_name().and_then(|s| s.to_string_lossy().split('.').next().map(str::to_lowercase)).unwrap_or_else(|| "model".into())
+    });
+    bulwark::certs::write_self_signed(
+        bulwark::certs::names_for_listen(listen),
+        &dir.join("cert.pem"),
+        &dir.join("key.pem"),
+    )?;
+    let key = bulwark::keys::append_new_key(&dir.join("keys"), "default")?;
+    let config = format!(
+        "# Written by `bulwark init`; every key is documented in docs/configuration.md.\n\
+         [server]\nlisten = \"{listen}\"\ntls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\nkeys_file = \"keys\"\n\n\
+         [model]\npath = {path}\nsha256 = \"{sha}\"\nname = {name}\n",
+        path = toml_string(&model.to_string_lossy()),
+        name = toml_string(&name),
+    );
+    let cfg_path = dir.join("bulwark.toml");
+    std::fs::write(&cfg_path, config)?;
+    Config::load(&cfg_path).context("the generated configuration does not validate")?;
+    println!("config: {}", cfg_path.display());
+    println!("model: {name} (sha256 {sha})");
+    println!("url: https://{listen}/v1");
+    println!("ca certificate: {}", dir.join("cert.pem").display());
+    println!("api key: {key}");
+    Ok(())
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}

@@ -1,0 +1,120 @@
+//! GGUF files: the pinned-hash check, the header, and typed access to metadata.
+//!
+//! Order matters here: the SHA-256 of the whole file is computed and compared with the pinned
+//! value *before* a single byte of it is parsed, so a tampered file never reaches the GGUF,
+//! tokenizer or template parsers.
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::quantized::gguf_file::{Content, Value};
+use sha2::{Digest, Sha256};
+
+/// Read buffer for hashing: large enough that hashing a 100 MB file is I/O bound.
+const HASH_CHUNK_BYTES: usize = 1 << 20;
+
+/// SHA-256 of a file, as lowercase hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; HASH_CHUNK_BYTES];
+    loop {
+        let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// A GGUF file whose hash matched its pin and whose header parsed.
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub content: Content,
+    reader: BufReader<File>,
+}
+
+impl GgufFile {
+    /// Hash the file, compare with `expected_sha256`, and only then parse the header.
+    pub fn open_pinned(path: &Path, expected_sha256: &str) -> Result<Self> {
+        let actual = sha256_file(path)?;
+        if !actual.eq_ignore_ascii_case(expected_sha256) {
+            bail!(
+                "model file {} has SHA-256 {actual}, but the configuration pins {expected_sha256} \
+                 (model.sha256); refusing to load it",
+                path.display()
+            );
+        }
+        Self::open_unverified(path)
+    }
+
+    /// Parse without a pin: only for `bulwark model inspect`, which never serves.
+    pub fn open_unverified(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("{} is not a readable GGUF file", path.display()))?;
+        Ok(Self { path: path.to_owned(), content, reader })
+    }
+
+    pub fn tensor(
+        &mut self,
+        name: &str,
+        device: &candle_core::Device,
+    ) -> Result<candle_core::quantized::QTensor> {
+        self.content
+            .tensor(&mut self.reader, name, device)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("reading tensor {name} from {}", self.path.display()))
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    fn get(&self, key: &str) -> Result<&Value> {
+        self.content
+            .metadata
+            .get(key)
+            .with_context(|| format!("GGUF metadata key {key} is missing"))
+    }
+
+    pub fn get_str(&self, key: &str) -> Result<&str> {
+        self.get(key)?
+            .to_string()
+            .map(String::as_str)
+            .map_err(|e| anyhow::anyhow!("GGUF metadata key {key}: {e}"))
+    }
+
+    pub fn opt_str(&self, key: &str) -> Option<&str> {
+        self.content.metadata.get(key)?.to_string().ok().map(String::as_str)
+    }
+
+    pub fn get_u32(&self, key: &str) -> Result<u32> {
+        let v = self.get(key)?;
+        v.to_u32()
+            .or_else(|_| v.to_u64().map(|x| x as u32))
+            .or_else(|_| v.to_i32().map(|x| x as u32))
+            .map_err(|e| anyhow::anyhow!("GGUF metadata key {key}: {e}"))
+    }
+
+    pub fn opt_u32(&self, key: &str) -> Option<u32> {
+        self.content.metadata.contains_key(key).then(|| self.get_u32(key).ok()).flatten()
+    }
+
+    pub fn opt_f32(&self, key: &str) -> Option<f32> {
+        self.content.metadata.get(key)?.to_f32().ok()
+    }
+
+    pub fn opt_bool(&self, key: &str) -> Option<bool> {
+        self.content.metadata.get(key)?.to_bool().ok()
+    }
+
+    pub fn get_array(&self, key: &str) -> Result<&Vec<Value>> {
+        self.get(key)?.to_vec().map_err(|e| anyhow::anyhow!("GGUF metadata key {key}: {e}"))
+    }
+}

@@ -1,0 +1,204 @@
+//! A `tokenizers::Tokenizer` built from GGUF metadata alone (no tokenizer.json needed), plus
+//! the incremental detokenizer used while streaming.
+
+use anyhow::{Context, Result, bail};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+
+use super::gguf::GgufFile;
+
+/// llama.cpp's token types: 3 = control, 4 = user-defined. Both must never be split by BPE.
+const TOKEN_TYPE_CONTROL: i32 = 3;
+const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+
+/// Llama 3's pre-tokenizer regex (llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`).
+const LLAMA3_PRETOKENIZER_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The tokenizer and the special tokens the engine needs to know about.
+pub struct ModelTokenizer {
+    pub inner: Tokenizer,
+    pub bos_id: Option<u32>,
+    pub eos_id: u32,
+    /// Every id that ends a generation (EOS, end-of-turn tokens).
+    pub stop_ids: Vec<u32>,
+    pub add_bos: bool,
+    pub vocab_size: usize,
+    pub model_kind: String,
+    pub pre_kind: String,
+    pub special_count: usize,
+}
+
+impl ModelTokenizer {
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
+        let model_kind = gguf.get_str("tokenizer.ggml.model")?.to_owned();
+        if model_kind != "gpt2" {
+            bail!(
+                "tokenizer.ggml.model is {model_kind:?}; only byte-level BPE (\"gpt2\") tokenizers \
+                 are supported"
+            );
+        }
+        let pre_kind = gguf.opt_str("tokenizer.ggml.pre").unwrap_or("default").to_owned();
+        let tokens: Vec<String> = gguf
+            .get_array("tokenizer.ggml.tokens")?
+            .iter()
+            .map(|v| v.to_string().cloned().map_err(|e| anyhow::anyhow!("{e}")))
+            .collect::<Result<_>>()
+            .context("tokenizer.ggml.tokens")?;
+        let merges: Vec<(String, String)> = gguf
+            .get_array("tokenizer.ggml.merges")?
+            .iter()
+            .map(|v| {
+                let s = v.to_string().map_err(|e| anyhow::anyhow!("{e}"))?;
+                let (a, b) = s.split_once(' ').with_context(|| format!("bad merge {s:?}"))?;
+                Ok((a.to_owned(), b.to_owned()))
+            })
+            .collect::<Result<_>>()
+            .context("tokenizer.ggml.merges")?;
+        let types: Vec<i32> = match gguf.content.metadata.get("tokenizer.ggml.token_type") {
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .iter()
+                .map(|t| t.to_i32().map_err(|e| anyhow::anyhow!("{e}")))
+                .collect::<Result<_>>()
+                .context("tokenizer.ggml.token_type")?,
+            None => vec![1; tokens.len()],
+        };
+        if types.len() != tokens.len() {
+            bail!("tokenizer.ggml.token_type has {} entries for {} tokens", types.len(), tokens.len());
+        }
+
+        let vocab: ahash::AHashMap<String, u32> =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| anyhow::anyhow!("building BPE model: {e}"))?;
+        let mut inner = Tokenizer::new(bpe);
+
+        let pre: PreTokenizerWrapper = match pre_kind.as_str() {
+            // llama.cpp's `smollm`: digits split one by one, then GPT-2 byte-level splitting.
+            "smollm" => Sequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ])
+            .into(),
+            "gpt2" | "default" => ByteLevel::new(false, true, true).into(),
+            "llama-bpe" | "llama3" => Sequence::new(vec![
+                Split::new(
+                    SplitPattern::Regex(LLAMA3_PRETOKENIZER_REGEX.into()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(|e| anyhow::anyhow!("pre-tokenizer regex: {e}"))?
+                .into(),
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into(),
+            other => bail!("tokenizer.ggml.pre {other:?} is not supported"),
+        };
+        inner.with_pre_tokenizer(Some(pre));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+
+        let specials: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, t)| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
+            .map(|(tok, _)| AddedToken::from(tok.clone(), true))
+            .collect();
+        let special_count = specials.len();
+        inner
+            .add_special_tokens(specials)
+            .map_err(|e| anyhow::anyhow!("adding special tokens: {e}"))?;
+
+        let eos_id = gguf.get_u32("tokenizer.ggml.eos_token_id")?;
+        let bos_id = gguf.opt_u32("tokenizer.ggml.bos_token_id");
+        let mut stop_ids = vec![eos_id];
+        if let Some(eot) = gguf.opt_u32("tokenizer.ggml.eot_token_id") {
+            stop_ids.push(eot);
+        }
+        // End-of-turn markers of the common chat formats, when the vocabulary has them.
+        for marker in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>"] {
+            if let Some(id) = inner.token_to_id(marker) {
+                stop_ids.push(id);
+            }
+        }
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+
+        Ok(Self {
+            vocab_size: tokens.len(),
+            inner,
+            bos_id,
+            eos_id,
+            stop_ids,
+            add_bos: gguf.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(false),
+            model_kind,
+            pre_kind,
+            special_count,
+        })
+    }
+
+    /// Token ids of an already rendered prompt. Special tokens written in the text (from the
+    /// chat template) are recognised; BOS is added only if the model asks for it.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode_fast(text, false).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut ids = enc.get_ids().to_vec();
+        if self.add_bos
+            && let Some(bos) = self.bos_id
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
+        }
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    pub fn token_text(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_default()
+    }
+
+    /// Raw bytes of one token (for OpenAI's `bytes` field in logprobs).
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        self.token_text(id).into_bytes()
+    }
+}
+
+/// Turns a growing list of token ids into text deltas without ever splitting a UTF-8
+/// character: a delta is released only once it no longer ends in a partial character.
+pub struct Detokenizer {
+    ids: Vec<u32>,
+    /// Start of the window re-decoded each step (a few tokens back, for merges across tokens).
+    prefix_offset: usize,
+    /// Ids before this index have been released as text.
+    read_offset: usize,
+}
+
+impl Detokenizer {
+    pub fn new() -> Self {
+        Self { ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
+    }
+
+    /// Add one id; returns the newly complete text, if any.
+    pub fn push(&mut self, tok: &ModelTokenizer, id: u32) -> String {
+        self.ids.push(id);
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset]).unwrap_or_default();
+        let full = tok.decode(&self.ids[self.prefix_offset..]).unwrap_or_default();
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
+            let delta = full[prefix.len()..].to_owned();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            delta
+        } else {
+            String::new()
+        }
+    }
+}

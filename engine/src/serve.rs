@@ -1,0 +1,378 @@
+//! `bulwark serve`: the start-up order, the listeners and the connection loop.
+//!
+//! Start-up order (each step fails closed):
+//! 1. read configuration, keys, TLS material and the model (hash pin first);
+//! 2. bind the API and metrics listeners;
+//! 3. start the inference thread and the network runtime;
+//! 4. accept connections.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::api::{self, AppState, error::ApiError, limits::RateLimiter};
+use crate::config::{Config, MAX_HEADERS_CEILING};
+use crate::infer::scheduler::{self, SchedulerConfig};
+use crate::keys::KeyStore;
+use crate::metrics::Metrics;
+
+/// Time allowed for a TLS handshake before the connection is dropped (slow-handshake DoS).
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Slack hyper allows above `limits.max_header_bytes` so that requests just over the limit get
+/// our named JSON answer; beyond it hyper closes with a bare 431.
+const HEADER_BYTES_SLACK: usize = 8 << 10;
+/// HTTP/2 streams per connection; the in-flight limit applies across connections anyway.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 32;
+/// How long an over-limit connection is kept to deliver its 503.
+const OVERLIMIT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn run(config_path: &Path) -> Result<()> {
+    let cfg = Config::load(config_path)?;
+    let keys_path = cfg.resolve(&cfg.server.keys_file);
+    let keys = KeyStore::load(&keys_path)?;
+    let tls = match (&cfg.server.tls_cert, &cfg.server.tls_key, cfg.server.plaintext) {
+        (_, _, true) => None,
+        (Some(c), Some(k), false) => Some(Arc::new(crate::api::tls::server_config(
+            &cfg.resolve(c),
+            &cfg.resolve(k),
+            cfg.server.client_ca.as_ref().map(|p| cfg.resolve(p)).as_deref(),
+        )?)),
+        _ => anyhow::bail!("server.tls_cert and server.tls_key are required"),
+    };
+    let device = candle_core::Device::Cpu;
+    let loaded = Instant::now();
+    let (info, model) = crate::model::load(
+        &cfg.resolve(&cfg.model.path),
+        &cfg.model.sha256,
+        &cfg.model.name,
+        cfg.model.context_length,
+        cfg.model.weights,
+        &device,
+    )
+    .context("loading the model")?;
+    tracing::info!(
+        model = %info.name,
+        layers = model.cfg.n_layer,
+        context_length = info.context_length,
+        weights = ?model.weight_format,
+        load_ms = loaded.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+
+    // Listeners are bound before anything else starts, so that a port clash fails fast.
+    let api_listener = std::net::TcpListener::bind(cfg.server.listen)
+        .with_context(|| format!("binding server.listen {}", cfg.server.listen))?;
+    api_listener.set_nonblocking(true)?;
+    let metrics_listener = match cfg.metrics.listen {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding metrics.listen {addr}"))?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
+        None => None,
+    };
+
+    let metrics = Arc::new(Metrics::default());
+    let info = Arc::new(info);
+    let (handle, infer_thread) = scheduler::spawn(
+        model,
+        info.clone(),
+        SchedulerConfig {
+            max_batch: cfg.engine.max_batch,
+            max_batch_tokens: cfg.engine.max_batch_tokens,
+            queue_depth: cfg.limits.queue_depth,
+        },
+        metrics.clone(),
+    )?;
+    let state = Arc::new(AppState {
+        keys,
+        limits: cfg.limits.clone(),
+        cors_origins: cfg.server.cors_origins.clone(),
+        model: info,
+        scheduler: handle,
+        metrics: metrics.clone(),
+        rate: RateLimiter::new(cfg.limits.rate_limit_per_minute),
+        in_flight: Arc::new(Semaphore::new(cfg.limits.max_in_flight)),
+    });
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.engine.io_threads)
+        .thread_name("bulwark-io")
+        .enable_all()
+        .build()
+        .context("starting the network runtime")?;
+    let result = runtime.block_on(serve(cfg, state, api_listener, metrics_listener, tls));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    // Every scheduler handle lives in the state, now dropped: the inference thread ends.
+    let _ = infer_thread.join();
+    result
+}
+
+async fn serve(
+    cfg: Config,
+    state: Arc<AppState>,
+    api: std::net::TcpListener,
+    metrics_l: Option<std::net::TcpListener>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Result<()> {
+    let api = tokio::net::TcpListener::from_std(api)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    if let Some(l) = metrics_l {
+        let l = tokio::net::TcpListener::from_std(l)?;
+        tokio::spawn(serve_metrics(l, state.metrics.clone(), shutdown_rx.clone()));
+    }
+    let acceptor = tls.map(TlsAcceptor::from);
+    let conns = Arc::new(Semaphore::new(cfg.limits.max_connections));
+    let overlimit = Arc::new(Semaphore::new(cfg.limits.max_connections));
+    tracing::info!(
+        listen = %cfg.server.listen,
+        tls = acceptor.is_some(),
+        metrics = ?cfg.metrics.listen,
+        "serving"
+    );
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = api.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of descriptors or similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let permit = match conns.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Over the limit: answer one 503 naming it (bounded by a second pool), or drop.
+                if let Ok(p) = overlimit.clone().try_acquire_owned() {
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move {
+                        let _p = p;
+                        let _ = tokio::time::timeout(OVERLIMIT_CONNECTION_TIMEOUT, serve_overlimit(tcp, acceptor)).await;
+                    });
+                }
+                continue;
+            }
+        };
+        let state = state.clone();
+        let acceptor = acceptor.clone();
+        let limits = cfg.limits.clone();
+        let shutdown = shutdown_rx.clone();
+        let grace = Duration::from_secs(cfg.server.shutdown_grace_secs);
+        tokio::spawn(async move {
+            let _permit = permit;
+            state.metrics.connections.fetch_add(1, Ordering::Relaxed);
+            serve_connection(tcp, peer, acceptor, state.clone(), &limits, shutdown, grace).await;
+            state.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    tracing::info!("shutting down: no new connections; finishing requests in flight");
+    let _ = shutdown_tx.send(true);
+    let grace = Duration::from_secs(cfg.server.shutdown_grace_secs) + Duration::from_secs(1);
+    let all = cfg.limits.max_connections as u32;
+    let _ = tokio::time::timeout(grace, conns.acquire_many(all)).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn http_builder(limits: &crate::config::Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(limits.header_read_timeout_secs))
+        .max_headers(MAX_HEADERS_CEILING)
+        .max_buf_size((limits.max_header_bytes + HEADER_BYTES_SLACK).max(8192))
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_header_list_size((limits.max_header_bytes + HEADER_BYTES_SLACK) as u32)
+        .max_pending_accept_reset_streams(16)
+        .max_local_error_reset_streams(64);
+    b
+}
+
+/// Serve one connection until it closes, idles out, or the server shuts down.
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: Option<TlsAcceptor>,
+    state: Arc<AppState>,
+    limits: &crate::config::Limits,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let activity = Arc::new(Activity::default());
+    let io: Box<dyn Io> = match acceptor {
+        Some(a) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, a.accept(tcp)).await {
+            Ok(Ok(s)) => Box::new(s),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        },
+        None => Box::new(tcp),
+    };
+    let io = TokioIo::new(Tracked { inner: io, activity: activity.clone() });
+    let act = activity.clone();
+    let svc = service_fn(move |req| {
+        let state = state.clone();
+        let act = act.clone();
+        async move {
+            act.requests.fetch_add(1, Ordering::Relaxed);
+            let r = api::handle(state, req).await;
+            act.requests.fetch_sub(1, Ordering::Relaxed);
+            act.touch();
+            Ok::<_, std::convert::Infallible>(r)
+        }
+    });
+    let builder = http_builder(limits);
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    let idle = Duration::from_secs(limits.idle_timeout_secs);
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = shutdown.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(grace, conn.as_mut()).await;
+                return;
+            }
+            _ = tokio::time::sleep(idle / 4) => {
+                if activity.requests.load(Ordering::Relaxed) == 0 && activity.idle_for() >= idle {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// One 503 naming `limits.max_connections`, then close.
+async fn serve_overlimit(tcp: TcpStream, acceptor: Option<TlsAcceptor>) {
+    let io: Box<dyn Io> = match acceptor {
+        Some(a) => match a.accept(tcp).await {
+            Ok(s) => Box::new(s),
+            Err(_) => return,
+        },
+        None => Box::new(tcp),
+    };
+    let svc = service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
+        let e = ApiError::Overloaded { what: "limits.max_connections", retry_after_secs: 1 };
+        let mut r = api::error_response(&e);
+        r.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+        Ok::<_, std::convert::Infallible>(r)
+    });
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1().keep_alive(false);
+    let _ = b.serve_connection(TokioIo::new(io), svc).await;
+}
+
+async fn serve_metrics(l: tokio::net::TcpListener, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let tcp = tokio::select! {
+            r = l.accept() => match r { Ok((t, _)) => t, Err(_) => continue },
+            _ = shutdown.changed() => return,
+        };
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let m = m.clone();
+                async move {
+                    let r = if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
+                        let mut r = hyper::Response::new(api::body::ApiBody::full(m.render().into()));
+                        r.headers_mut().insert(
+                            hyper::header::CONTENT_TYPE,
+                            hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                        );
+                        r
+                    } else {
+                        api::error_response(&ApiError::NotFound)
+                    };
+                    Ok::<_, std::convert::Infallible>(r)
+                }
+            });
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(5)).keep_alive(false);
+            let _ = b.serve_connection(TokioIo::new(tcp), svc).await;
+        });
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// When the connection last moved a byte, and how many requests are being handled on it.
+#[derive(Default)]
+struct Activity {
+    last_ms: AtomicU64,
+    requests: AtomicUsize,
+    epoch: std::sync::OnceLock<Instant>,
+}
+
+impl Activity {
+    fn now_ms(&self) -> u64 {
+        self.epoch.get_or_init(Instant::now).elapsed().as_millis() as u64
+    }
+    fn touch(&self) {
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+    fn idle_for(&self) -> Duration {
+        Duration::from_millis(self.now_ms().saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// An I/O wrapper that records activity for the idle timeout.
+struct Tracked {
+    inner: Box<dyn Io>,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
