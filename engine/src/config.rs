@@ -47,6 +47,10 @@ pub struct ServerConfig {
     /// Browser origins allowed by CORS, exact `scheme://host[:port]` strings. Empty: CORS off.
     #[serde(default)]
     pub cors_origins: Vec<String>,
+    /// Answer `GET /health` without a key (for load balancers that cannot send one). Off by
+    /// default: then every route, /health included, needs a key.
+    #[serde(default)]
+    pub anonymous_health: bool,
     /// Seconds allowed for in-flight requests to finish after SIGTERM.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_secs: u64,

@@ -126,6 +126,11 @@ impl KeyStore {
     }
 }
 
+/// The keys-file line for `key` under `name`.
+pub fn entry_line(name: &str, key: &str) -> String {
+    format!("{name} sha256:{}", hex::encode(hash_key(key)))
+}
+
 /// A fresh key: `bwk_` + 43 characters of URL-safe base64 (256 random bits).
 pub fn generate_key() -> Result<String> {
     let mut bytes = [0u8; KEY_BYTES];
@@ -157,7 +162,7 @@ pub fn append_new_key(path: &Path, name: &str) -> Result<String> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
-    writeln!(f, "{name} sha256:{}", hex::encode(hash_key(&key)))
+    writeln!(f, "{}", entry_line(name, &key))
         .with_context(|| format!("writing {}", path.display()))?;
     f.sync_all()?;
     Ok(key)

@@ -17,6 +17,8 @@ pub struct Metrics {
     pub completed: AtomicU64,
     pub cancelled: AtomicU64,
     pub connections: AtomicU64,
+    /// Most sequences that ever ran in one step (evidence that requests share steps).
+    pub peak_batch: AtomicU64,
     /// Requests answered, by status class and reason (limits named).
     responses: Mutex<std::collections::BTreeMap<(u16, &'static str), u64>>,
     ttft: Mutex<([u64; TTFT_BUCKETS.len()], u64, f64)>,
@@ -50,6 +52,7 @@ impl Metrics {
         let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
         g(&mut o, "bulwark_queue_depth", "Requests waiting for a batch slot.", "gauge", ld(&self.queued));
         g(&mut o, "bulwark_active_sequences", "Sequences in the running batch.", "gauge", ld(&self.active));
+        g(&mut o, "bulwark_peak_batch_size", "Most sequences run in one step.", "gauge", ld(&self.peak_batch));
         g(&mut o, "bulwark_open_connections", "Open API connections.", "gauge", ld(&self.connections));
         g(&mut o, "bulwark_prompt_tokens_total", "Prompt tokens processed.", "counter", ld(&self.prompt_tokens));
         g(&mut o, "bulwark_generated_tokens_total", "Tokens generated.", "counter", ld(&self.generated_tokens));

@@ -52,6 +52,36 @@ pub fn run(config_path: &Path) -> Result<()> {
         )?)),
         _ => anyhow::bail!("server.tls_cert and server.tls_key are required"),
     };
+    // Listeners are bound before anything else starts, so that a port clash fails fast.
+    let api_listener = std::net::TcpListener::bind(cfg.server.listen)
+        .with_context(|| format!("binding server.listen {}", cfg.server.listen))?;
+    api_listener.set_nonblocking(true)?;
+    let metrics_listener = match cfg.metrics.listen {
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding metrics.listen {addr}"))?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
+        None => None,
+    };
+
+    let (state, infer_thread) = build_state(&cfg, keys)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.engine.io_threads)
+        .thread_name("bulwark-io")
+        .enable_all()
+        .build()
+        .context("starting the network runtime")?;
+    let result = runtime.block_on(serve(cfg, state, api_listener, metrics_listener, tls));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    // Every scheduler handle lives in the state, now dropped: the inference thread ends.
+    let _ = infer_thread.join();
+    result
+}
+
+/// Load the model and start the inference thread: everything the router needs.
+pub fn build_state(cfg: &Config, keys: KeyStore) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>)> {
     let device = candle_core::Device::Cpu;
     let loaded = Instant::now();
     let (info, model) = crate::model::load(
@@ -72,19 +102,6 @@ pub fn run(config_path: &Path) -> Result<()> {
         "model loaded"
     );
 
-    // Listeners are bound before anything else starts, so that a port clash fails fast.
-    let api_listener = std::net::TcpListener::bind(cfg.server.listen)
-        .with_context(|| format!("binding server.listen {}", cfg.server.listen))?;
-    api_listener.set_nonblocking(true)?;
-    let metrics_listener = match cfg.metrics.listen {
-        Some(addr) => {
-            let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding metrics.listen {addr}"))?;
-            l.set_nonblocking(true)?;
-            Some(l)
-        }
-        None => None,
-    };
-
     let metrics = Arc::new(Metrics::default());
     let info = Arc::new(info);
     let (handle, infer_thread) = scheduler::spawn(
@@ -101,24 +118,14 @@ pub fn run(config_path: &Path) -> Result<()> {
         keys,
         limits: cfg.limits.clone(),
         cors_origins: cfg.server.cors_origins.clone(),
+        anonymous_health: cfg.server.anonymous_health,
         model: info,
         scheduler: handle,
-        metrics: metrics.clone(),
+        metrics,
         rate: RateLimiter::new(cfg.limits.rate_limit_per_minute),
         in_flight: Arc::new(Semaphore::new(cfg.limits.max_in_flight)),
     });
-
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.engine.io_threads)
-        .thread_name("bulwark-io")
-        .enable_all()
-        .build()
-        .context("starting the network runtime")?;
-    let result = runtime.block_on(serve(cfg, state, api_listener, metrics_listener, tls));
-    runtime.shutdown_timeout(Duration::from_secs(1));
-    // Every scheduler handle lives in the state, now dropped: the inference thread ends.
-    let _ = infer_thread.join();
-    result
+    Ok((state, infer_thread))
 }
 
 async fn serve(

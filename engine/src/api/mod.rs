@@ -3,7 +3,8 @@
 //! Order of checks for every request (INVARIANT: authentication precedes any routing decision,
 //! so an anonymous client learns nothing about which paths or methods exist):
 //! 1. header size and count limits (the same answer whatever the path);
-//! 2. `GET /health`, byte-exact, is the only anonymous route;
+//! 2. `GET /health`, byte-exact, is the only route that can be anonymous, and only when
+//!    `server.anonymous_health` is set;
 //! 3. a CORS preflight from a configured origin (only when CORS is configured);
 //! 4. `Authorization: Bearer <key>`, else 401;
 //! 5. per-key rate limit, in-flight limit;
@@ -45,6 +46,7 @@ pub struct AppState {
     pub keys: KeyStore,
     pub limits: Limits,
     pub cors_origins: Vec<String>,
+    pub anonymous_health: bool,
     pub model: Arc<ModelInfo>,
     pub scheduler: SchedulerHandle,
     pub metrics: Arc<Metrics>,
@@ -190,8 +192,8 @@ where
     limits::check_headers(req.headers(), &state.limits)?;
     let path = req.uri().path();
 
-    // INVARIANT: the only anonymous route; byte-exact match, GET only.
-    if req.method() == Method::GET && path == "/health" {
+    // INVARIANT: the only anonymous route, when enabled; byte-exact match, GET only.
+    if state.anonymous_health && req.method() == Method::GET && path == "/health" {
         ctx.route = "health";
         return Ok(Handled::json(StatusCode::OK, &serde_json::json!({"status": "ok"}), (0, 0)));
     }
@@ -207,6 +209,13 @@ where
     ctx.key_name = key_name.to_owned();
     state.rate.check(key_name)?;
 
+    if path == "/health" {
+        ctx.route = "health";
+        if req.method() != Method::GET {
+            return Err(ApiError::MethodNotAllowed { allow: "GET" });
+        }
+        return Ok(Handled::json(StatusCode::OK, &serde_json::json!({"status": "ok"}), (0, 0)));
+    }
     let route = ROUTES.iter().find(|(p, _, _)| *p == path);
     let (_, method, name) = match route {
         Some(r) => *r,

@@ -202,6 +202,7 @@ impl Scheduler {
             }
         }
         plan.sort_unstable();
+        self.metrics.peak_batch.fetch_max(plan.len() as u64, Ordering::Relaxed);
         let mut planned = plan.iter().peekable();
         let mut items: Vec<BatchItem<'_>> = Vec::with_capacity(plan.len());
         for (i, a) in self.active.iter_mut().enumerate() {

@@ -1,0 +1,8 @@
+//! Integration tests of the engine: the router without a socket, generation through the
+//! scheduler, and agreement with llama.cpp. They run the real demo model
+//! (`scripts/fetch-model.sh`; override with BULWARK_TEST_MODEL).
+
+mod generation;
+mod reference;
+mod router;
+mod util;

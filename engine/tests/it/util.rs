@@ -1,0 +1,131 @@
+//! Fixtures: the demo model, a router state built from a real configuration, and a call
+//! helper that drives the router like hyper would.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bulwark::api::{self, AppState};
+use bulwark::config::Config;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{HeaderMap, Method, Request, StatusCode};
+
+pub const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const MODEL_NAME: &str = "smollm2-135m-instruct";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+pub fn model_path() -> PathBuf {
+    let p = std::env::var_os("BULWARK_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        repo_root().join(".demo/model/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    assert!(p.exists(), "demo model missing at {}: run scripts/fetch-model.sh", p.display());
+    p
+}
+
+pub struct TestState {
+    pub state: Arc<AppState>,
+    pub key: String,
+    pub other_key: String,
+}
+
+/// A configuration for the demo model; `extra` is appended TOML (sections of its own).
+pub fn config(extra: &str) -> Config {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:1\"\nplaintext = true\nkeys_file = \"unused\"\n\
+         [model]\npath = {path:?}\nsha256 = \"{MODEL_SHA256}\"\nname = \"{MODEL_NAME}\"\n{extra}",
+        path = model_path().display().to_string(),
+    );
+    let cfg: Config = toml::from_str(&text).unwrap();
+    cfg.validate().unwrap();
+    cfg
+}
+
+pub fn state(extra: &str) -> TestState {
+    state_with(config(extra))
+}
+
+pub fn state_with(cfg: Config) -> TestState {
+    let key = bulwark::keys::generate_key().unwrap();
+    let other_key = bulwark::keys::generate_key().unwrap();
+    let keys = bulwark::keys::KeyStore::parse(&format!(
+        "{}\n{}\n",
+        bulwark::keys::entry_line("tester", &key),
+        bulwark::keys::entry_line("other", &other_key)
+    ))
+    .unwrap();
+    let (state, _thread) = bulwark::serve::build_state(&cfg, keys).unwrap();
+    TestState { state, key, other_key }
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub async fn call(
+    state: &Arc<AppState>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Reply {
+    let mut b = Request::builder().method(Method::from_bytes(method.as_bytes()).unwrap()).uri(path);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(Full::new(Bytes::from(body.unwrap_or("").to_owned()))).unwrap();
+    let resp = api::handle(state.clone(), req).await;
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Reply { status, headers, body }
+}
+
+impl TestState {
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", self.key)
+    }
+
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> Reply {
+        let auth = self.bearer();
+        call(
+            &self.state,
+            "POST",
+            path,
+            &[("authorization", &auth), ("content-type", "application/json")],
+            Some(&body.to_string()),
+        )
+        .await
+    }
+
+    pub async fn chat(&self, content: &str, extra: serde_json::Value) -> Reply {
+        let mut body = serde_json::json!({
+            "model": MODEL_NAME,
+            "messages": [{"role": "user", "content": content}],
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        self.post("/v1/chat/completions", body).await
+    }
+}
+
+/// Content of a non-streaming chat reply.
+pub fn content(r: &Reply) -> String {
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    r.json()["choices"][0]["message"]["content"].as_str().unwrap().to_owned()
+}
