@@ -41,7 +41,8 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
         .mode(0o600)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(data).with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(data)
+        .with_context(|| format!("writing {}", path.display()))?;
     f.sync_all()?;
     Ok(())
 }

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use crate::config::LogFormat;
 
 #[derive(Parser)]
-#[command(name = "bulwark", about = "Secure-by-default LLM inference server", disable_version_flag = true)]
+#[command(
+    name = "bulwark",
+    about = "Secure-by-default LLM inference server",
+    disable_version_flag = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -138,7 +138,12 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { threads: 0, io_threads: 1, max_batch: 16, max_batch_tokens: 512 }
+        Self {
+            threads: 0,
+            io_threads: 1,
+            max_batch: 16,
+            max_batch_tokens: 512,
+        }
     }
 }
 
@@ -152,7 +157,10 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        Self { listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))), allow_non_loopback: false }
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            allow_non_loopback: false,
+        }
     }
 }
 
@@ -184,12 +192,17 @@ impl Config {
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("configuration {} is invalid", path.display()))?;
         cfg.base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
-        cfg.validate().with_context(|| format!("configuration {} is invalid", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("configuration {} is invalid", path.display()))?;
         Ok(cfg)
     }
 
     pub fn resolve(&self, p: &Path) -> PathBuf {
-        if p.is_absolute() { p.to_owned() } else { self.base_dir.join(p) }
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.base_dir.join(p)
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -206,8 +219,14 @@ impl Config {
                 "server.client_ca needs TLS; it cannot be combined with server.plaintext"
             );
         } else {
-            ensure!(s.tls_cert.is_some(), "server.tls_cert is required unless server.plaintext = true");
-            ensure!(s.tls_key.is_some(), "server.tls_key is required unless server.plaintext = true");
+            ensure!(
+                s.tls_cert.is_some(),
+                "server.tls_cert is required unless server.plaintext = true"
+            );
+            ensure!(
+                s.tls_key.is_some(),
+                "server.tls_key is required unless server.plaintext = true"
+            );
         }
         for o in &s.cors_origins {
             validate_origin(o).with_context(|| format!("server.cors_origins entry {o:?}"))?;
@@ -234,25 +253,55 @@ impl Config {
             (1..=MAX_HEADERS_CEILING).contains(&l.max_headers),
             "limits.max_headers must be between 1 and {MAX_HEADERS_CEILING}"
         );
-        ensure!(l.header_read_timeout_secs >= 1, "limits.header_read_timeout_secs must be at least 1");
-        ensure!(l.idle_timeout_secs >= 1, "limits.idle_timeout_secs must be at least 1");
-        ensure!(l.max_connections >= 1, "limits.max_connections must be at least 1");
-        ensure!(l.max_in_flight >= 1, "limits.max_in_flight must be at least 1");
+        ensure!(
+            l.header_read_timeout_secs >= 1,
+            "limits.header_read_timeout_secs must be at least 1"
+        );
+        ensure!(
+            l.idle_timeout_secs >= 1,
+            "limits.idle_timeout_secs must be at least 1"
+        );
+        ensure!(
+            l.max_connections >= 1,
+            "limits.max_connections must be at least 1"
+        );
+        ensure!(
+            l.max_in_flight >= 1,
+            "limits.max_in_flight must be at least 1"
+        );
         ensure!(l.max_tokens >= 1, "limits.max_tokens must be at least 1");
-        ensure!(l.max_prompt_tokens >= 1, "limits.max_prompt_tokens must be at least 1");
+        ensure!(
+            l.max_prompt_tokens >= 1,
+            "limits.max_prompt_tokens must be at least 1"
+        );
         ensure!(l.queue_depth >= 1, "limits.queue_depth must be at least 1");
-        ensure!(l.max_messages >= 1, "limits.max_messages must be at least 1");
+        ensure!(
+            l.max_messages >= 1,
+            "limits.max_messages must be at least 1"
+        );
         let e = &self.engine;
-        ensure!((1..=256).contains(&e.max_batch), "engine.max_batch must be between 1 and 256");
-        ensure!(e.max_batch_tokens >= 16, "engine.max_batch_tokens must be at least 16");
-        ensure!((1..=64).contains(&e.io_threads), "engine.io_threads must be between 1 and 64");
+        ensure!(
+            (1..=256).contains(&e.max_batch),
+            "engine.max_batch must be between 1 and 256"
+        );
+        ensure!(
+            e.max_batch_tokens >= 16,
+            "engine.max_batch_tokens must be at least 16"
+        );
+        ensure!(
+            (1..=64).contains(&e.io_threads),
+            "engine.io_threads must be between 1 and 64"
+        );
         if let Some(addr) = self.metrics.listen {
             ensure!(
                 addr.ip().is_loopback() || self.metrics.allow_non_loopback,
                 "metrics.listen {addr} is not loopback; metrics carry operational data, set \
                  metrics.allow_non_loopback = true to expose them deliberately"
             );
-            ensure!(addr != s.listen, "metrics.listen must differ from server.listen");
+            ensure!(
+                addr != s.listen,
+                "metrics.listen must differ from server.listen"
+            );
         }
         Ok(())
     }
@@ -276,12 +325,19 @@ fn validate_origin(o: &str) -> Result<()> {
         .or_else(|| o.strip_prefix("http://"))
         .context("an origin starts with https:// or http://")?;
     ensure!(!rest.is_empty(), "an origin needs a host");
-    ensure!(!rest.contains('/'), "an origin has no path (not even a trailing /)");
     ensure!(
-        rest.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']')),
+        !rest.contains('/'),
+        "an origin has no path (not even a trailing /)"
+    );
+    ensure!(
+        rest.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']')),
         "an origin contains only a host and an optional port"
     );
-    ensure!(o == o.to_ascii_lowercase(), "write the origin in lower case, as browsers send it");
+    ensure!(
+        o == o.to_ascii_lowercase(),
+        "write the origin in lower case, as browsers send it"
+    );
     Ok(())
 }
 
@@ -323,16 +379,25 @@ name = "smollm2"
 
     #[test]
     fn cors_wildcard_is_rejected() {
-        let s = base().replace("keys_file = \"keys\"", "keys_file = \"keys\"\ncors_origins = [\"*\"]");
+        let s = base().replace(
+            "keys_file = \"keys\"",
+            "keys_file = \"keys\"\ncors_origins = [\"*\"]",
+        );
         let err = parse(&s).unwrap_err();
         assert!(format!("{err:#}").contains("wildcard"), "{err:#}");
-        let s = base().replace("keys_file = \"keys\"", "keys_file = \"keys\"\ncors_origins = [\"https://*.example.com\"]");
+        let s = base().replace(
+            "keys_file = \"keys\"",
+            "keys_file = \"keys\"\ncors_origins = [\"https://*.example.com\"]",
+        );
         assert!(parse(&s).is_err());
     }
 
     #[test]
     fn plaintext_only_on_loopback() {
-        let s = base().replace("tls_cert = \"cert.pem\"\ntls_key = \"key.pem\"", "plaintext = true");
+        let s = base().replace(
+            "tls_cert = \"cert.pem\"\ntls_key = \"key.pem\"",
+            "plaintext = true",
+        );
         let err = parse(&s).unwrap_err();
         assert!(format!("{err:#}").contains("loopback"), "{err:#}");
         parse(&s.replace("0.0.0.0:8443", "127.0.0.1:8443")).unwrap();
@@ -349,12 +414,18 @@ name = "smollm2"
     fn metrics_on_public_address_needs_opt_in() {
         let s = format!("{}\n[metrics]\nlisten = \"0.0.0.0:9464\"\n", base());
         let err = parse(&s).unwrap_err();
-        assert!(format!("{err:#}").contains("metrics.allow_non_loopback"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("metrics.allow_non_loopback"),
+            "{err:#}"
+        );
     }
 
     #[test]
     fn bad_pin_is_named() {
-        let s = base().replace("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "abc");
+        let s = base().replace(
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            "abc",
+        );
         let err = parse(&s).unwrap_err();
         assert!(format!("{err:#}").contains("model.sha256"), "{err:#}");
     }

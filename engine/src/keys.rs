@@ -59,7 +59,9 @@ fn validate_name(name: &str) -> Result<()> {
     ensure!(
         !name.is_empty()
             && name.len() <= MAX_NAME_LEN
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')),
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')),
         "key name {name:?} must be 1 to {MAX_NAME_LEN} characters of A-Z, a-z, 0-9, '-', '_', '.'"
     );
     Ok(())
@@ -97,9 +99,15 @@ impl KeyStore {
             }
             let mut h = [0u8; 32];
             h.copy_from_slice(&bytes);
-            entries.push(KeyEntry { name: name.to_owned(), hash: h });
+            entries.push(KeyEntry {
+                name: name.to_owned(),
+                hash: h,
+            });
         }
-        ensure!(!entries.is_empty(), "no keys: add one with `bulwark keys new`");
+        ensure!(
+            !entries.is_empty(),
+            "no keys: add one with `bulwark keys new`"
+        );
         ensure!(entries.len() <= MAX_KEYS, "more than {MAX_KEYS} keys");
         Ok(Self { entries })
     }
@@ -135,7 +143,10 @@ pub fn entry_line(name: &str, key: &str) -> String {
 pub fn generate_key() -> Result<String> {
     let mut bytes = [0u8; KEY_BYTES];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-    Ok(format!("{KEY_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)))
+    Ok(format!(
+        "{KEY_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    ))
 }
 
 /// Append a new key named `name` to `path` (created with mode 0600); returns the key, which
@@ -146,8 +157,8 @@ pub fn append_new_key(path: &Path, name: &str) -> Result<String> {
         check_private_mode(path, "keys file")?;
         let text = std::fs::read_to_string(path)?;
         if !text.trim().is_empty() {
-            let store = KeyStore::parse(&text)
-                .with_context(|| format!("keys file {}", path.display()))?;
+            let store =
+                KeyStore::parse(&text).with_context(|| format!("keys file {}", path.display()))?;
             ensure!(
                 !store.entries.iter().any(|e| e.name == name),
                 "a key named {name:?} already exists in {}",
@@ -186,7 +197,10 @@ mod tests {
         assert_eq!(store.authenticate("bwk_wrong"), None);
         assert_eq!(store.authenticate(""), None);
         let text = std::fs::read_to_string(&p).unwrap();
-        assert!(!text.contains(&k1[4..]), "the key itself must never be stored");
+        assert!(
+            !text.contains(&k1[4..]),
+            "the key itself must never be stored"
+        );
     }
 
     #[test]

@@ -23,7 +23,9 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BULWARK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => b.json().flatten_event(true).init(),
         LogFormat::Text => b.init(),
@@ -38,23 +40,40 @@ fn run(cli: Cli) -> Result<ExitCode> {
             set_compute_threads(cfg.compute_threads());
             bulwark::serve::run(&config)?;
         }
-        Command::CheckConfig { config, check_files } => {
+        Command::CheckConfig {
+            config,
+            check_files,
+        } => {
             let cfg = Config::load(&config)?;
             if check_files {
                 check_files_of(&cfg)?;
             }
             println!("{}: ok", config.display());
         }
-        Command::Init { dir, model, listen, name } => init(&dir, &model, listen, name)?,
-        Command::Keys { command: KeysCommand::New { name, keys_file } } => {
+        Command::Init {
+            dir,
+            model,
+            listen,
+            name,
+        } => init(&dir, &model, listen, name)?,
+        Command::Keys {
+            command: KeysCommand::New { name, keys_file },
+        } => {
             let key = bulwark::keys::append_new_key(&keys_file, &name)?;
-            eprintln!("added key {name:?} to {}; it is shown only once:", keys_file.display());
+            eprintln!(
+                "added key {name:?} to {}; it is shown only once:",
+                keys_file.display()
+            );
             println!("{key}");
         }
-        Command::Model { command: ModelCommand::Hash { file } } => {
+        Command::Model {
+            command: ModelCommand::Hash { file },
+        } => {
             println!("{}", bulwark::model::gguf::sha256_file(&file)?);
         }
-        Command::Model { command: ModelCommand::Inspect { file } } => {
+        Command::Model {
+            command: ModelCommand::Inspect { file },
+        } => {
             print!("{}", bulwark::model::inspect(&file)?);
         }
     }
@@ -75,7 +94,11 @@ fn check_files_of(cfg: &Config) -> Result<()> {
         bulwark::api::tls::server_config(
             &cfg.resolve(c),
             &cfg.resolve(k),
-            cfg.server.client_ca.as_ref().map(|p| cfg.resolve(p)).as_deref(),
+            cfg.server
+                .client_ca
+                .as_ref()
+                .map(|p| cfg.resolve(p))
+                .as_deref(),
         )?;
     }
     let model = cfg.resolve(&cfg.model.path);
@@ -89,20 +112,35 @@ fn check_files_of(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-fn init(dir: &Path, model: &Path, listen: std::net::SocketAddr, name: Option<String>) -> Result<()> {
+fn init(
+    dir: &Path,
+    model: &Path,
+    listen: std::net::SocketAddr,
+    name: Option<String>,
+) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    let model = std::fs::canonicalize(model).with_context(|| format!("model file {}", model.display()))?;
+    let model =
+        std::fs::canonicalize(model).with_context(|| format!("model file {}", model.display()))?;
     if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
-        anyhow::bail!("{} exists and is not empty; choose a new directory", dir.display());
+        anyhow::bail!(
+            "{} exists and is not empty; choose a new directory",
+            dir.display()
+        );
     }
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
         .with_context(|| format!("creating {}", dir.display()))?;
     eprintln!("hashing {} ...", model.display());
     let sha = bulwark::model::gguf::sha256_file(&model)?;
     // Refuse to write a configuration for a file we cannot serve.
     bulwark::model::inspect(&model)?;
     let name = name.unwrap_or_else(|| {
-        model.file_name().and_then(|s| s.to_string_lossy().split('.').next().map(str::to_lowercase)).unwrap_or_else(|| "model".into())
+        model
+            .file_name()
+            .and_then(|s| s.to_string_lossy().split('.').next().map(str::to_lowercase))
+            .unwrap_or_else(|| "model".into())
     });
     bulwark::certs::write_self_signed(
         bulwark::certs::names_for_listen(listen),

@@ -50,25 +50,101 @@ impl Metrics {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
         let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        g(&mut o, "bulwark_queue_depth", "Requests waiting for a batch slot.", "gauge", ld(&self.queued));
-        g(&mut o, "bulwark_active_sequences", "Sequences in the running batch.", "gauge", ld(&self.active));
-        g(&mut o, "bulwark_peak_batch_size", "Most sequences run in one step.", "gauge", ld(&self.peak_batch));
-        g(&mut o, "bulwark_open_connections", "Open API connections.", "gauge", ld(&self.connections));
-        g(&mut o, "bulwark_prompt_tokens_total", "Prompt tokens processed.", "counter", ld(&self.prompt_tokens));
-        g(&mut o, "bulwark_generated_tokens_total", "Tokens generated.", "counter", ld(&self.generated_tokens));
-        g(&mut o, "bulwark_requests_completed_total", "Generations finished.", "counter", ld(&self.completed));
-        g(&mut o, "bulwark_requests_cancelled_total", "Generations abandoned by their client.", "counter", ld(&self.cancelled));
-        g(&mut o, "bulwark_sandbox_enforced", "1 when Landlock and seccomp are fully enforced.", "gauge", ld(&self.sandbox_enforced));
-        let _ = writeln!(o, "# HELP bulwark_responses_total API responses by status and reason.\n# TYPE bulwark_responses_total counter");
-        for ((status, reason), v) in self.responses.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(o, "bulwark_responses_total{{status=\"{status}\",reason=\"{reason}\"}} {v}");
+        g(
+            &mut o,
+            "bulwark_queue_depth",
+            "Requests waiting for a batch slot.",
+            "gauge",
+            ld(&self.queued),
+        );
+        g(
+            &mut o,
+            "bulwark_active_sequences",
+            "Sequences in the running batch.",
+            "gauge",
+            ld(&self.active),
+        );
+        g(
+            &mut o,
+            "bulwark_peak_batch_size",
+            "Most sequences run in one step.",
+            "gauge",
+            ld(&self.peak_batch),
+        );
+        g(
+            &mut o,
+            "bulwark_open_connections",
+            "Open API connections.",
+            "gauge",
+            ld(&self.connections),
+        );
+        g(
+            &mut o,
+            "bulwark_prompt_tokens_total",
+            "Prompt tokens processed.",
+            "counter",
+            ld(&self.prompt_tokens),
+        );
+        g(
+            &mut o,
+            "bulwark_generated_tokens_total",
+            "Tokens generated.",
+            "counter",
+            ld(&self.generated_tokens),
+        );
+        g(
+            &mut o,
+            "bulwark_requests_completed_total",
+            "Generations finished.",
+            "counter",
+            ld(&self.completed),
+        );
+        g(
+            &mut o,
+            "bulwark_requests_cancelled_total",
+            "Generations abandoned by their client.",
+            "counter",
+            ld(&self.cancelled),
+        );
+        g(
+            &mut o,
+            "bulwark_sandbox_enforced",
+            "1 when Landlock and seccomp are fully enforced.",
+            "gauge",
+            ld(&self.sandbox_enforced),
+        );
+        let _ = writeln!(
+            o,
+            "# HELP bulwark_responses_total API responses by status and reason.\n# TYPE bulwark_responses_total counter"
+        );
+        for ((status, reason), v) in self
+            .responses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                o,
+                "bulwark_responses_total{{status=\"{status}\",reason=\"{reason}\"}} {v}"
+            );
         }
         let h = self.ttft.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = writeln!(o, "# HELP bulwark_time_to_first_token_seconds Time from admission to the first token.\n# TYPE bulwark_time_to_first_token_seconds histogram");
+        let _ = writeln!(
+            o,
+            "# HELP bulwark_time_to_first_token_seconds Time from admission to the first token.\n# TYPE bulwark_time_to_first_token_seconds histogram"
+        );
         for (i, b) in TTFT_BUCKETS.iter().enumerate() {
-            let _ = writeln!(o, "bulwark_time_to_first_token_seconds_bucket{{le=\"{b}\"}} {}", h.0[i]);
+            let _ = writeln!(
+                o,
+                "bulwark_time_to_first_token_seconds_bucket{{le=\"{b}\"}} {}",
+                h.0[i]
+            );
         }
-        let _ = writeln!(o, "bulwark_time_to_first_token_seconds_bucket{{le=\"+Inf\"}} {}", h.1);
+        let _ = writeln!(
+            o,
+            "bulwark_time_to_first_token_seconds_bucket{{le=\"+Inf\"}} {}",
+            h.1
+        );
         let _ = writeln!(o, "bulwark_time_to_first_token_seconds_sum {}", h.2);
         let _ = writeln!(o, "bulwark_time_to_first_token_seconds_count {}", h.1);
         o

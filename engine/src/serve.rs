@@ -43,12 +43,20 @@ pub fn run(config_path: &Path) -> Result<()> {
     let cfg = Config::load(config_path)?;
     let keys_path = cfg.resolve(&cfg.server.keys_file);
     let keys = KeyStore::load(&keys_path)?;
-    let tls = match (&cfg.server.tls_cert, &cfg.server.tls_key, cfg.server.plaintext) {
+    let tls = match (
+        &cfg.server.tls_cert,
+        &cfg.server.tls_key,
+        cfg.server.plaintext,
+    ) {
         (_, _, true) => None,
         (Some(c), Some(k), false) => Some(Arc::new(crate::api::tls::server_config(
             &cfg.resolve(c),
             &cfg.resolve(k),
-            cfg.server.client_ca.as_ref().map(|p| cfg.resolve(p)).as_deref(),
+            cfg.server
+                .client_ca
+                .as_ref()
+                .map(|p| cfg.resolve(p))
+                .as_deref(),
         )?)),
         _ => anyhow::bail!("server.tls_cert and server.tls_key are required"),
     };
@@ -58,7 +66,8 @@ pub fn run(config_path: &Path) -> Result<()> {
     api_listener.set_nonblocking(true)?;
     let metrics_listener = match cfg.metrics.listen {
         Some(addr) => {
-            let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding metrics.listen {addr}"))?;
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding metrics.listen {addr}"))?;
             l.set_nonblocking(true)?;
             Some(l)
         }
@@ -81,7 +90,10 @@ pub fn run(config_path: &Path) -> Result<()> {
 }
 
 /// Load the model and start the inference thread: everything the router needs.
-pub fn build_state(cfg: &Config, keys: KeyStore) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>)> {
+pub fn build_state(
+    cfg: &Config,
+    keys: KeyStore,
+) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>)> {
     let device = candle_core::Device::Cpu;
     let loaded = Instant::now();
     let (info, model) = crate::model::load(
@@ -175,7 +187,11 @@ async fn serve(
                     let acceptor = acceptor.clone();
                     tokio::spawn(async move {
                         let _p = p;
-                        let _ = tokio::time::timeout(OVERLIMIT_CONNECTION_TIMEOUT, serve_overlimit(tcp, acceptor)).await;
+                        let _ = tokio::time::timeout(
+                            OVERLIMIT_CONNECTION_TIMEOUT,
+                            serve_overlimit(tcp, acceptor),
+                        )
+                        .await;
                     });
                 }
                 continue;
@@ -241,7 +257,10 @@ async fn serve_connection(
         },
         None => Box::new(tcp),
     };
-    let io = TokioIo::new(Tracked { inner: io, activity: activity.clone() });
+    let io = TokioIo::new(Tracked {
+        inner: io,
+        activity: activity.clone(),
+    });
     let act = activity.clone();
     let svc = service_fn(move |req| {
         let state = state.clone();
@@ -287,9 +306,15 @@ async fn serve_overlimit(tcp: TcpStream, acceptor: Option<TlsAcceptor>) {
         None => Box::new(tcp),
     };
     let svc = service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
-        let e = ApiError::Overloaded { what: "limits.max_connections", retry_after_secs: 1 };
+        let e = ApiError::Overloaded {
+            what: "limits.max_connections",
+            retry_after_secs: 1,
+        };
         let mut r = api::error_response(&e);
-        r.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+        r.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
         Ok::<_, std::convert::Infallible>(r)
     });
     let mut b = auto::Builder::new(TokioExecutor::new());
@@ -297,7 +322,11 @@ async fn serve_overlimit(tcp: TcpStream, acceptor: Option<TlsAcceptor>) {
     let _ = b.serve_connection(TokioIo::new(io), svc).await;
 }
 
-async fn serve_metrics(l: tokio::net::TcpListener, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) {
+async fn serve_metrics(
+    l: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let tcp = tokio::select! {
             r = l.accept() => match r { Ok((t, _)) => t, Err(_) => continue },
@@ -308,8 +337,10 @@ async fn serve_metrics(l: tokio::net::TcpListener, metrics: Arc<Metrics>, mut sh
             let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let m = m.clone();
                 async move {
-                    let r = if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
-                        let mut r = hyper::Response::new(api::body::ApiBody::full(m.render().into()));
+                    let r = if req.method() == hyper::Method::GET && req.uri().path() == "/metrics"
+                    {
+                        let mut r =
+                            hyper::Response::new(api::body::ApiBody::full(m.render().into()));
                         r.headers_mut().insert(
                             hyper::header::CONTENT_TYPE,
                             hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -322,7 +353,9 @@ async fn serve_metrics(l: tokio::net::TcpListener, metrics: Arc<Metrics>, mut sh
                 }
             });
             let mut b = hyper::server::conn::http1::Builder::new();
-            b.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(5)).keep_alive(false);
+            b.timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .keep_alive(false);
             let _ = b.serve_connection(TokioIo::new(tcp), svc).await;
         });
     }
@@ -347,7 +380,10 @@ impl Activity {
         self.last_ms.store(self.now_ms(), Ordering::Relaxed);
     }
     fn idle_for(&self) -> Duration {
-        Duration::from_millis(self.now_ms().saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+        Duration::from_millis(
+            self.now_ms()
+                .saturating_sub(self.last_ms.load(Ordering::Relaxed)),
+        )
     }
 }
 
@@ -358,7 +394,11 @@ struct Tracked {
 }
 
 impl AsyncRead for Tracked {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -369,7 +409,11 @@ impl AsyncRead for Tracked {
 }
 
 impl AsyncWrite for Tracked {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
@@ -379,7 +423,10 @@ impl AsyncWrite for Tracked {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

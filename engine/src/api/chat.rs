@@ -61,10 +61,16 @@ fn message_text(content: Option<Value>, i: usize) -> Result<String, ApiError> {
             let mut out = String::new();
             for p in parts {
                 match p.get("type").and_then(Value::as_str) {
-                    Some("text") => out.push_str(p.get("text").and_then(Value::as_str).ok_or_else(|| {
-                        ApiError::invalid(format!("messages[{i}]: a text part needs a string `text`."), "messages")
-                    })?),
-                    Some("image_url") | Some("input_image") | Some("input_audio") | Some("file") => {
+                    Some("text") => {
+                        out.push_str(p.get("text").and_then(Value::as_str).ok_or_else(|| {
+                            ApiError::invalid(
+                                format!("messages[{i}]: a text part needs a string `text`."),
+                                "messages",
+                            )
+                        })?)
+                    }
+                    Some("image_url") | Some("input_image") | Some("input_audio")
+                    | Some("file") => {
                         return Err(ApiError::invalid(
                             format!(
                                 "messages[{i}]: only text content is supported; URLs in requests \
@@ -73,29 +79,55 @@ fn message_text(content: Option<Value>, i: usize) -> Result<String, ApiError> {
                             "messages",
                         ));
                     }
-                    _ => return Err(ApiError::invalid(format!("messages[{i}]: unknown content part type."), "messages")),
+                    _ => {
+                        return Err(ApiError::invalid(
+                            format!("messages[{i}]: unknown content part type."),
+                            "messages",
+                        ));
+                    }
                 }
             }
             Ok(out)
         }
-        Some(_) => Err(ApiError::invalid(format!("messages[{i}].content must be a string or an array of parts."), "messages")),
+        Some(_) => Err(ApiError::invalid(
+            format!("messages[{i}].content must be a string or an array of parts."),
+            "messages",
+        )),
     }
 }
 
 fn refuse(present: bool, message: &str, param: &'static str) -> Result<(), ApiError> {
-    if present { Err(ApiError::invalid(message, param)) } else { Ok(()) }
+    if present {
+        Err(ApiError::invalid(message, param))
+    } else {
+        Ok(())
+    }
 }
 
 pub fn prepare(state: &AppState, r: ChatRequest) -> Result<(Prepared, bool, bool), ApiError> {
     openai::check_model(state, &r.model)?;
-    refuse(r.chat_template.is_some() || r.chat_template_kwargs.is_some(),
-        "Request-supplied chat templates are refused; the model's own template is used.", "chat_template")?;
-    refuse(r.tools.is_some() || r.tool_choice.is_some(), "Tools are not supported.", "tools")?;
-    refuse(r.logit_bias.as_ref().is_some_and(|m| !m.is_empty()), "logit_bias is not supported.", "logit_bias")?;
+    refuse(
+        r.chat_template.is_some() || r.chat_template_kwargs.is_some(),
+        "Request-supplied chat templates are refused; the model's own template is used.",
+        "chat_template",
+    )?;
+    refuse(
+        r.tools.is_some() || r.tool_choice.is_some(),
+        "Tools are not supported.",
+        "tools",
+    )?;
+    refuse(
+        r.logit_bias.as_ref().is_some_and(|m| !m.is_empty()),
+        "logit_bias is not supported.",
+        "logit_bias",
+    )?;
     if let Some(rf) = &r.response_format
         && rf.get("type").and_then(Value::as_str) != Some("text")
     {
-        return Err(ApiError::invalid("Only response_format {\"type\": \"text\"} is supported.", "response_format"));
+        return Err(ApiError::invalid(
+            "Only response_format {\"type\": \"text\"} is supported.",
+            "response_format",
+        ));
     }
     let sampling = openai::sampling(&SamplingFields {
         temperature: r.temperature,
@@ -109,7 +141,10 @@ pub fn prepare(state: &AppState, r: ChatRequest) -> Result<(Prepared, bool, bool
     let stop = openai::stop_sequences(state, r.stop)?;
     let top = openai::check_top_logprobs(r.top_logprobs)?;
     if r.top_logprobs.is_some() && r.logprobs != Some(true) {
-        return Err(ApiError::invalid("top_logprobs requires logprobs = true.", "top_logprobs"));
+        return Err(ApiError::invalid(
+            "top_logprobs requires logprobs = true.",
+            "top_logprobs",
+        ));
     }
     let logprobs = (r.logprobs == Some(true)).then_some(top);
 
@@ -118,7 +153,10 @@ pub fn prepare(state: &AppState, r: ChatRequest) -> Result<(Prepared, bool, bool
     }
     if r.messages.len() > state.limits.max_messages {
         return Err(ApiError::invalid(
-            format!("At most {} messages are allowed (limits.max_messages).", state.limits.max_messages),
+            format!(
+                "At most {} messages are allowed (limits.max_messages).",
+                state.limits.max_messages
+            ),
             "messages",
         ));
     }
@@ -128,32 +166,68 @@ pub fn prepare(state: &AppState, r: ChatRequest) -> Result<(Prepared, bool, bool
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
-            _ => return Err(ApiError::invalid(format!("messages[{i}].role must be system, developer, user or assistant."), "messages")),
+            _ => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].role must be system, developer, user or assistant."),
+                    "messages",
+                ));
+            }
         };
-        messages.push(ChatMessage { role: role.into(), content: message_text(m.content, i)? });
+        messages.push(ChatMessage {
+            role: role.into(),
+            content: message_text(m.content, i)?,
+        });
     }
     let template = state.model.template.as_ref().ok_or_else(|| {
-        ApiError::invalid("This model has no chat template; use /v1/completions.", "messages")
+        ApiError::invalid(
+            "This model has no chat template; use /v1/completions.",
+            "messages",
+        )
     })?;
     let rendered = template.render(&messages, true).map_err(|e| {
         tracing::warn!(error = %format!("{e:#}"), "chat template rejected the conversation");
-        ApiError::invalid("The model's chat template rejected these messages.", "messages")
+        ApiError::invalid(
+            "The model's chat template rejected these messages.",
+            "messages",
+        )
     })?;
     let prompt = state.model.tokenizer.encode(&rendered).map_err(|e| {
         tracing::error!(error = %format!("{e:#}"), "tokenizer failed");
         ApiError::Internal
     })?;
     let requested = r.max_completion_tokens.or(r.max_tokens);
-    let max_tokens = openai::check_lengths(state, prompt.len(), requested, state.limits.max_tokens)?;
+    let max_tokens =
+        openai::check_lengths(state, prompt.len(), requested, state.limits.max_tokens)?;
     let stream = r.stream.unwrap_or(false);
-    let include_usage = r.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    let include_usage = r
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
     if r.stream_options.is_some() && !stream {
-        return Err(ApiError::invalid("stream_options requires stream = true.", "stream_options"));
+        return Err(ApiError::invalid(
+            "stream_options requires stream = true.",
+            "stream_options",
+        ));
     }
-    Ok((Prepared { prompt, max_tokens, sampling, stop, logprobs }, stream, include_usage))
+    Ok((
+        Prepared {
+            prompt,
+            max_tokens,
+            sampling,
+            stop,
+            logprobs,
+        },
+        stream,
+        include_usage,
+    ))
 }
 
-pub async fn handle(state: &AppState, body: Value, ctx: &mut RequestCtx) -> Result<Handled, ApiError> {
+pub async fn handle(
+    state: &AppState,
+    body: Value,
+    ctx: &mut RequestCtx,
+) -> Result<Handled, ApiError> {
     let req: ChatRequest = serde_json::from_value(body).map_err(|e| ApiError::InvalidRequest {
         message: format!("Invalid chat completion request: {e}."),
         param: None,
@@ -166,11 +240,20 @@ pub async fn handle(state: &AppState, body: Value, ctx: &mut RequestCtx) -> Resu
     let created = openai::unix_now();
     let model = state.model.name.clone();
     if stream {
-        let fmt = ChatChunks { id, created, model, want_logprobs };
+        let fmt = ChatChunks {
+            id,
+            created,
+            model,
+            want_logprobs,
+        };
         return Ok(openai::stream(state, ctx, rx, fmt, include_usage));
     }
     let c = openai::collect(rx).await?;
-    let logprobs = if want_logprobs { json!({ "content": c.logprobs.iter().map(logprob_entry).collect::<Vec<_>>() }) } else { Value::Null };
+    let logprobs = if want_logprobs {
+        json!({ "content": c.logprobs.iter().map(logprob_entry).collect::<Vec<_>>() })
+    } else {
+        Value::Null
+    };
     let body = json!({
         "id": id,
         "object": "chat.completion",
@@ -184,7 +267,11 @@ pub async fn handle(state: &AppState, body: Value, ctx: &mut RequestCtx) -> Resu
         }],
         "usage": openai::usage(c.prompt_tokens, c.completion_tokens),
     });
-    Ok(Handled::json(StatusCode::OK, &body, (c.prompt_tokens, c.completion_tokens)))
+    Ok(Handled::json(
+        StatusCode::OK,
+        &body,
+        (c.prompt_tokens, c.completion_tokens),
+    ))
 }
 
 fn logprob_entry(t: &TokenLogprob) -> Value {
@@ -217,7 +304,11 @@ impl ChatChunks {
 
 impl ChunkFormat for ChatChunks {
     fn first(&mut self) -> Option<Value> {
-        Some(self.chunk(json!({ "role": "assistant", "content": "" }), Value::Null, None))
+        Some(self.chunk(
+            json!({ "role": "assistant", "content": "" }),
+            Value::Null,
+            None,
+        ))
     }
 
     fn delta(&mut self, text: &str, logprobs: &[TokenLogprob]) -> Option<Value> {

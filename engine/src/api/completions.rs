@@ -38,7 +38,12 @@ pub struct CompletionRequest {
 
 /// The prompt as token ids: a string, a one-element array of strings, or an array of ids.
 fn prompt_ids(state: &AppState, prompt: Value) -> Result<Vec<u32>, ApiError> {
-    let bad = || ApiError::invalid("prompt must be a string, [string] or an array of token ids.", "prompt");
+    let bad = || {
+        ApiError::invalid(
+            "prompt must be a string, [string] or an array of token ids.",
+            "prompt",
+        )
+    };
     let text = match prompt {
         Value::String(s) => s,
         Value::Array(items) if items.len() == 1 && items[0].is_string() => {
@@ -50,7 +55,12 @@ fn prompt_ids(state: &AppState, prompt: Value) -> Result<Vec<u32>, ApiError> {
                 .iter()
                 .map(|v| v.as_u64().filter(|&id| id < vocab).map(|id| id as u32))
                 .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| ApiError::invalid(format!("Token ids must be below the vocabulary size {vocab}."), "prompt"));
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        format!("Token ids must be below the vocabulary size {vocab}."),
+                        "prompt",
+                    )
+                });
         }
         _ => return Err(bad()),
     };
@@ -63,12 +73,17 @@ fn prompt_ids(state: &AppState, prompt: Value) -> Result<Vec<u32>, ApiError> {
     })
 }
 
-pub async fn handle(state: &AppState, body: Value, ctx: &mut RequestCtx) -> Result<Handled, ApiError> {
-    let r: CompletionRequest = serde_json::from_value(body).map_err(|e| ApiError::InvalidRequest {
-        message: format!("Invalid completion request: {e}."),
-        param: None,
-        code: "invalid_request",
-    })?;
+pub async fn handle(
+    state: &AppState,
+    body: Value,
+    ctx: &mut RequestCtx,
+) -> Result<Handled, ApiError> {
+    let r: CompletionRequest =
+        serde_json::from_value(body).map_err(|e| ApiError::InvalidRequest {
+            message: format!("Invalid completion request: {e}."),
+            param: None,
+            code: "invalid_request",
+        })?;
     openai::check_model(state, &r.model)?;
     if r.echo == Some(true) {
         return Err(ApiError::invalid("echo is not supported.", "echo"));
@@ -77,10 +92,16 @@ pub async fn handle(state: &AppState, body: Value, ctx: &mut RequestCtx) -> Resu
         return Err(ApiError::invalid("suffix is not supported.", "suffix"));
     }
     if r.best_of.is_some_and(|b| b != 1) {
-        return Err(ApiError::invalid("Only best_of = 1 is supported.", "best_of"));
+        return Err(ApiError::invalid(
+            "Only best_of = 1 is supported.",
+            "best_of",
+        ));
     }
     if r.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
-        return Err(ApiError::invalid("logit_bias is not supported.", "logit_bias"));
+        return Err(ApiError::invalid(
+            "logit_bias is not supported.",
+            "logit_bias",
+        ));
     }
     let sampling = openai::sampling(&SamplingFields {
         temperature: r.temperature,
@@ -99,24 +120,52 @@ pub async fn handle(state: &AppState, body: Value, ctx: &mut RequestCtx) -> Resu
     let prompt = prompt_ids(state, r.prompt)?;
     let max_tokens = openai::check_lengths(state, prompt.len(), r.max_tokens, DEFAULT_MAX_TOKENS)?;
     let stream = r.stream.unwrap_or(false);
-    let include_usage = r.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    let include_usage = r
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
 
-    let rx = openai::submit(state, ctx, Prepared { prompt, max_tokens, sampling, stop, logprobs })?;
+    let rx = openai::submit(
+        state,
+        ctx,
+        Prepared {
+            prompt,
+            max_tokens,
+            sampling,
+            stop,
+            logprobs,
+        },
+    )?;
     let id = format!("cmpl-{}", ctx.request_id);
     let created = openai::unix_now();
     let model = state.model.name.clone();
     if stream {
-        let fmt = TextChunks { id, created, model, want_logprobs: logprobs.is_some(), offset: 0 };
+        let fmt = TextChunks {
+            id,
+            created,
+            model,
+            want_logprobs: logprobs.is_some(),
+            offset: 0,
+        };
         return Ok(openai::stream(state, ctx, rx, fmt, include_usage));
     }
     let c = openai::collect(rx).await?;
-    let lp = if logprobs.is_some() { legacy_logprobs(&c.logprobs, 0) } else { Value::Null };
+    let lp = if logprobs.is_some() {
+        legacy_logprobs(&c.logprobs, 0)
+    } else {
+        Value::Null
+    };
     let body = json!({
         "id": id, "object": "text_completion", "created": created, "model": model,
         "choices": [{ "text": c.text, "index": 0, "logprobs": lp, "finish_reason": c.finish.as_str() }],
         "usage": openai::usage(c.prompt_tokens, c.completion_tokens),
     });
-    Ok(Handled::json(StatusCode::OK, &body, (c.prompt_tokens, c.completion_tokens)))
+    Ok(Handled::json(
+        StatusCode::OK,
+        &body,
+        (c.prompt_tokens, c.completion_tokens),
+    ))
 }
 
 /// The completions API's column-wise logprobs shape.
@@ -162,7 +211,11 @@ impl ChunkFormat for TextChunks {
         if text.is_empty() && logprobs.is_empty() {
             return None;
         }
-        let lp = if self.want_logprobs { legacy_logprobs(logprobs, self.offset) } else { Value::Null };
+        let lp = if self.want_logprobs {
+            legacy_logprobs(logprobs, self.offset)
+        } else {
+            Value::Null
+        };
         self.offset += logprobs.iter().map(|t| t.token.len()).sum::<usize>();
         Some(self.chunk(text, lp, None))
     }

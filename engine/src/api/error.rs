@@ -9,23 +9,44 @@ pub enum ApiError {
     /// No or wrong credentials, whatever the path or method.
     Unauthorized,
     NotFound,
-    MethodNotAllowed { allow: &'static str },
+    MethodNotAllowed {
+        allow: &'static str,
+    },
     /// A request field is invalid; `param` names it.
-    InvalidRequest { message: String, param: Option<&'static str>, code: &'static str },
+    InvalidRequest {
+        message: String,
+        param: Option<&'static str>,
+        code: &'static str,
+    },
     UnsupportedMediaType,
     /// A configured limit was exceeded; `limit` is its configuration key.
-    BodyTooLarge { limit: usize },
-    HeadersTooLarge { message: String },
-    RateLimited { retry_after_secs: u64 },
-    Overloaded { what: &'static str, retry_after_secs: u64 },
-    ModelNotFound { model: String },
+    BodyTooLarge {
+        limit: usize,
+    },
+    HeadersTooLarge {
+        message: String,
+    },
+    RateLimited {
+        retry_after_secs: u64,
+    },
+    Overloaded {
+        what: &'static str,
+        retry_after_secs: u64,
+    },
+    ModelNotFound {
+        model: String,
+    },
     /// Something failed inside; the details were logged under the request id.
     Internal,
 }
 
 impl ApiError {
     pub fn invalid(message: impl Into<String>, param: &'static str) -> Self {
-        Self::InvalidRequest { message: message.into(), param: Some(param), code: "invalid_value" }
+        Self::InvalidRequest {
+            message: message.into(),
+            param: Some(param),
+            code: "invalid_value",
+        }
     }
 
     pub fn status(&self) -> StatusCode {
@@ -62,9 +83,10 @@ impl ApiError {
 
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            Self::RateLimited { retry_after_secs } | Self::Overloaded { retry_after_secs, .. } => {
-                Some(*retry_after_secs)
-            }
+            Self::RateLimited { retry_after_secs }
+            | Self::Overloaded {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
             _ => None,
         }
     }
@@ -77,16 +99,23 @@ impl ApiError {
                 None,
                 Some("invalid_api_key"),
             ),
-            Self::NotFound => ("Not found.".into(), "invalid_request_error", None, Some("not_found")),
+            Self::NotFound => (
+                "Not found.".into(),
+                "invalid_request_error",
+                None,
+                Some("not_found"),
+            ),
             Self::MethodNotAllowed { allow } => (
                 format!("Method not allowed; this route accepts {allow}."),
                 "invalid_request_error",
                 None,
                 Some("method_not_allowed"),
             ),
-            Self::InvalidRequest { message, param, code } => {
-                (message.clone(), "invalid_request_error", *param, Some(code))
-            }
+            Self::InvalidRequest {
+                message,
+                param,
+                code,
+            } => (message.clone(), "invalid_request_error", *param, Some(code)),
             Self::UnsupportedMediaType => (
                 "Content-Type must be application/json.".into(),
                 "invalid_request_error",
@@ -99,9 +128,12 @@ impl ApiError {
                 None,
                 Some("body_too_large"),
             ),
-            Self::HeadersTooLarge { message } => {
-                (message.clone(), "invalid_request_error", None, Some("headers_too_large"))
-            }
+            Self::HeadersTooLarge { message } => (
+                message.clone(),
+                "invalid_request_error",
+                None,
+                Some("headers_too_large"),
+            ),
             Self::RateLimited { retry_after_secs } => (
                 format!(
                     "Rate limit for this key (limits.rate_limit_per_minute) reached; retry in \
@@ -111,14 +143,19 @@ impl ApiError {
                 None,
                 Some("rate_limit_exceeded"),
             ),
-            Self::Overloaded { what, retry_after_secs } => (
+            Self::Overloaded {
+                what,
+                retry_after_secs,
+            } => (
                 format!("Server is at {what}; retry in {retry_after_secs} s."),
                 "server_error",
                 None,
                 Some("overloaded"),
             ),
             Self::ModelNotFound { model } => (
-                format!("The model {model:?} does not exist; GET /v1/models lists the models served."),
+                format!(
+                    "The model {model:?} does not exist; GET /v1/models lists the models served."
+                ),
                 "invalid_request_error",
                 Some("model"),
                 Some("model_not_found"),

@@ -14,10 +14,16 @@ use crate::config::Limits;
 pub fn check_headers(headers: &HeaderMap, limits: &Limits) -> Result<(), ApiError> {
     if headers.len() > limits.max_headers {
         return Err(ApiError::HeadersTooLarge {
-            message: format!("Too many request headers: the limit (limits.max_headers) is {}.", limits.max_headers),
+            message: format!(
+                "Too many request headers: the limit (limits.max_headers) is {}.",
+                limits.max_headers
+            ),
         });
     }
-    let size: usize = headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    let size: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
     if size > limits.max_header_bytes {
         return Err(ApiError::HeadersTooLarge {
             message: format!(
@@ -37,7 +43,10 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(per_minute: u32) -> Self {
-        Self { per_minute, buckets: Mutex::new(HashMap::new()) }
+        Self {
+            per_minute,
+            buckets: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn check(&self, key: &str) -> Result<(), ApiError> {
@@ -57,7 +66,9 @@ impl RateLimiter {
             Ok(())
         } else {
             let wait = ((1.0 - *tokens) / per_sec).ceil().max(1.0) as u64;
-            Err(ApiError::RateLimited { retry_after_secs: wait })
+            Err(ApiError::RateLimited {
+                retry_after_secs: wait,
+            })
         }
     }
 }
@@ -80,9 +91,15 @@ mod tests {
     fn header_count_limit_is_named() {
         let mut h = HeaderMap::new();
         for i in 0..5 {
-            h.insert(hyper::header::HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(), "v".parse().unwrap());
+            h.insert(
+                hyper::header::HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(),
+                "v".parse().unwrap(),
+            );
         }
-        let limits = Limits { max_headers: 4, ..Limits::default() };
+        let limits = Limits {
+            max_headers: 4,
+            ..Limits::default()
+        };
         let e = check_headers(&h, &limits).unwrap_err();
         assert!(e.body().to_string().contains("limits.max_headers"));
     }

@@ -92,27 +92,37 @@ pub struct Handled {
 
 impl Handled {
     pub fn json(status: StatusCode, value: &serde_json::Value, tokens: (usize, usize)) -> Self {
-        Self { response: json_response(status, value), logged: false, tokens }
+        Self {
+            response: json_response(status, value),
+            logged: false,
+            tokens,
+        }
     }
 }
 
 pub fn json_response(status: StatusCode, value: &serde_json::Value) -> ApiResponse {
     let mut r = Response::new(ApiBody::full(Bytes::from(value.to_string())));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
 pub fn error_response(e: &ApiError) -> ApiResponse {
     let mut r = json_response(e.status(), &e.body());
     if let Some(s) = e.retry_after() {
-        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(s));
     }
     if let ApiError::Unauthorized = e {
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
     if let ApiError::MethodNotAllowed { allow } = e {
-        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(allow));
     }
     r
 }
@@ -146,7 +156,9 @@ where
             if matches!(e, ApiError::Internal) {
                 tracing::error!(request_id = %ctx.request_id, "internal error (cause logged above)");
             }
-            state.metrics.count_response(e.status().as_u16(), e.reason());
+            state
+                .metrics
+                .count_response(e.status().as_u16(), e.reason());
             (error_response(&e), false, (0, 0))
         }
     };
@@ -158,12 +170,21 @@ where
         ctx.log(status, tokens.0, tokens.1);
     }
     let h = response.headers_mut();
-    h.insert("x-request-id", HeaderValue::from_str(&ctx.request_id).unwrap_or(HeaderValue::from_static("-")));
+    h.insert(
+        "x-request-id",
+        HeaderValue::from_str(&ctx.request_id).unwrap_or(HeaderValue::from_static("-")),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     if let Some(o) = origin {
         // The configured string is sent, never the request's header: origins are not reflected.
-        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_str(o).unwrap_or(HeaderValue::from_static("null")));
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_str(o).unwrap_or(HeaderValue::from_static("null")),
+        );
     }
     if !state.cors_origins.is_empty() {
         h.insert(header::VARY, HeaderValue::from_static("Origin"));
@@ -174,7 +195,10 @@ where
 /// The configured origin equal to the request's `Origin`, if any.
 fn allowed_origin<'a>(allowed: &'a [String], headers: &HeaderMap) -> Option<&'a str> {
     let origin = headers.get(header::ORIGIN)?.to_str().ok()?;
-    allowed.iter().find(|o| o.as_str() == origin).map(String::as_str)
+    allowed
+        .iter()
+        .find(|o| o.as_str() == origin)
+        .map(String::as_str)
 }
 
 /// Known routes and the methods they accept.
@@ -184,7 +208,11 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("/v1/models", "GET", "models"),
 ];
 
-async fn dispatch<B>(state: &AppState, req: Request<B>, ctx: &mut RequestCtx) -> Result<Handled, ApiError>
+async fn dispatch<B>(
+    state: &AppState,
+    req: Request<B>,
+    ctx: &mut RequestCtx,
+) -> Result<Handled, ApiError>
 where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -195,13 +223,21 @@ where
     // INVARIANT: the only anonymous route, when enabled; byte-exact match, GET only.
     if state.anonymous_health && req.method() == Method::GET && path == "/health" {
         ctx.route = "health";
-        return Ok(Handled::json(StatusCode::OK, &serde_json::json!({"status": "ok"}), (0, 0)));
+        return Ok(Handled::json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ok"}),
+            (0, 0),
+        ));
     }
     if req.method() == Method::OPTIONS
         && let Some(resp) = cors_preflight(state, &req)
     {
         ctx.route = "cors_preflight";
-        return Ok(Handled { response: resp, logged: false, tokens: (0, 0) });
+        return Ok(Handled {
+            response: resp,
+            logged: false,
+            tokens: (0, 0),
+        });
     }
 
     // INVARIANT: authentication before routing.
@@ -214,7 +250,11 @@ where
         if req.method() != Method::GET {
             return Err(ApiError::MethodNotAllowed { allow: "GET" });
         }
-        return Ok(Handled::json(StatusCode::OK, &serde_json::json!({"status": "ok"}), (0, 0)));
+        return Ok(Handled::json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ok"}),
+            (0, 0),
+        ));
     }
     let route = ROUTES.iter().find(|(p, _, _)| *p == path);
     let (_, method, name) = match route {
@@ -228,9 +268,17 @@ where
     if req.method().as_str() != method {
         return Err(ApiError::MethodNotAllowed { allow: method });
     }
-    ctx.permit = Some(state.in_flight.clone().try_acquire_owned().map_err(|_| {
-        ApiError::Overloaded { what: "limits.max_in_flight", retry_after_secs: OVERLOAD_RETRY_AFTER_SECS }
-    })?);
+    ctx.permit =
+        Some(
+            state
+                .in_flight
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| ApiError::Overloaded {
+                    what: "limits.max_in_flight",
+                    retry_after_secs: OVERLOAD_RETRY_AFTER_SECS,
+                })?,
+        );
     match name {
         "models" => Ok(models::list(state)),
         "model" => models::get(state, path),
@@ -256,10 +304,22 @@ fn cors_preflight<B>(state: &AppState, req: &Request<B>) -> Option<ApiResponse> 
     let mut r = Response::new(ApiBody::full(Bytes::new()));
     *r.status_mut() = StatusCode::NO_CONTENT;
     let h = r.headers_mut();
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_str(origin).ok()?);
-    h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static(method));
-    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type"));
-    h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_str(origin).ok()?,
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static(method),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization, content-type"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
     Some(r)
 }
 
@@ -283,21 +343,32 @@ where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ct = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let mime = ct.split(';').next().unwrap_or("").trim();
     if !mime.eq_ignore_ascii_case("application/json") {
         return Err(ApiError::UnsupportedMediaType);
     }
     let limit = state.limits.max_body_bytes;
     if let Some(len) = req.headers().get(header::CONTENT_LENGTH)
-        && len.to_str().ok().and_then(|s| s.parse::<usize>().ok()).is_some_and(|n| n > limit)
+        && len
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<usize>().ok())
+            .is_some_and(|n| n > limit)
     {
         return Err(ApiError::BodyTooLarge { limit });
     }
     let limited = http_body_util::Limited::new(req.into_body(), limit);
     let bytes = match limited.collect().await {
         Ok(c) => c.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             return Err(ApiError::BodyTooLarge { limit });
         }
         Err(_) => {

@@ -21,13 +21,19 @@ fn model_object(state: &AppState) -> serde_json::Value {
 }
 
 pub fn list(state: &AppState) -> Handled {
-    Handled::json(StatusCode::OK, &json!({ "object": "list", "data": [model_object(state)] }), (0, 0))
+    Handled::json(
+        StatusCode::OK,
+        &json!({ "object": "list", "data": [model_object(state)] }),
+        (0, 0),
+    )
 }
 
 pub fn get(state: &AppState, path: &str) -> Result<Handled, ApiError> {
     let requested = model_path(path).unwrap_or_default();
     if requested != state.model.name {
-        return Err(ApiError::ModelNotFound { model: requested.chars().take(128).collect() });
+        return Err(ApiError::ModelNotFound {
+            model: requested.chars().take(128).collect(),
+        });
     }
     Ok(Handled::json(StatusCode::OK, &model_object(state), (0, 0)))
 }

@@ -13,7 +13,9 @@ use super::body::{ApiBody, STREAM_BUFFER_FRAMES};
 use super::error::ApiError;
 use super::{AppState, Handled, RequestCtx};
 use crate::infer::sampler::SamplingParams;
-use crate::infer::scheduler::{self, Event, FinishReason, GenRequest, MAX_TOP_LOGPROBS, TokenLogprob};
+use crate::infer::scheduler::{
+    self, Event, FinishReason, GenRequest, MAX_TOP_LOGPROBS, TokenLogprob,
+};
 
 /// Longest stop sequence accepted, in bytes.
 const MAX_STOP_LEN: usize = 256;
@@ -46,26 +48,48 @@ pub struct SamplingFields {
 pub fn sampling(f: &SamplingFields) -> Result<SamplingParams, ApiError> {
     let temperature = f.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::invalid("temperature must be between 0 and 2.", "temperature"));
+        return Err(ApiError::invalid(
+            "temperature must be between 0 and 2.",
+            "temperature",
+        ));
     }
     let top_p = f.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::invalid("top_p must be greater than 0 and at most 1.", "top_p"));
+        return Err(ApiError::invalid(
+            "top_p must be greater than 0 and at most 1.",
+            "top_p",
+        ));
     }
     let top_k = match f.top_k {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => k as usize,
-        Some(_) => return Err(ApiError::invalid("top_k must be -1, 0 or positive.", "top_k")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "top_k must be -1, 0 or positive.",
+                "top_k",
+            ));
+        }
     };
-    for (v, name) in [(f.presence_penalty, "presence_penalty"), (f.frequency_penalty, "frequency_penalty")] {
+    for (v, name) in [
+        (f.presence_penalty, "presence_penalty"),
+        (f.frequency_penalty, "frequency_penalty"),
+    ] {
         if v.is_some_and(|v| v != 0.0) {
-            return Err(ApiError::invalid(format!("{name} is not supported; omit it or send 0."), name));
+            return Err(ApiError::invalid(
+                format!("{name} is not supported; omit it or send 0."),
+                name,
+            ));
         }
     }
     if f.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid("Only n = 1 is supported.", "n"));
     }
-    Ok(SamplingParams { temperature, top_p, top_k, seed: f.seed.map(|s| s as u64) })
+    Ok(SamplingParams {
+        temperature,
+        top_p,
+        top_k,
+        seed: f.seed.map(|s| s as u64),
+    })
 }
 
 pub fn stop_sequences(state: &AppState, stop: Option<StopField>) -> Result<Vec<String>, ApiError> {
@@ -82,14 +106,19 @@ pub fn stop_sequences(state: &AppState, stop: Option<StopField>) -> Result<Vec<S
         ));
     }
     if stops.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_LEN) {
-        return Err(ApiError::invalid(format!("Stop sequences must be 1 to {MAX_STOP_LEN} bytes."), "stop"));
+        return Err(ApiError::invalid(
+            format!("Stop sequences must be 1 to {MAX_STOP_LEN} bytes."),
+            "stop",
+        ));
     }
     Ok(stops)
 }
 
 pub fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
     if model != state.model.name {
-        return Err(ApiError::ModelNotFound { model: model.chars().take(128).collect() });
+        return Err(ApiError::ModelNotFound {
+            model: model.chars().take(128).collect(),
+        });
     }
     Ok(())
 }
@@ -97,7 +126,10 @@ pub fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
 pub fn check_top_logprobs(n: Option<u32>) -> Result<usize, ApiError> {
     let n = n.unwrap_or(0) as usize;
     if n > MAX_TOP_LOGPROBS {
-        return Err(ApiError::invalid(format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}."), "top_logprobs"));
+        return Err(ApiError::invalid(
+            format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}."),
+            "top_logprobs",
+        ));
     }
     Ok(n)
 }
@@ -112,7 +144,12 @@ pub struct Prepared {
 }
 
 /// Check prompt length and `max_tokens` against the limits and the context window.
-pub fn check_lengths(state: &AppState, prompt_len: usize, requested: Option<u64>, default: usize) -> Result<usize, ApiError> {
+pub fn check_lengths(
+    state: &AppState,
+    prompt_len: usize,
+    requested: Option<u64>,
+    default: usize,
+) -> Result<usize, ApiError> {
     let l = &state.limits;
     if prompt_len == 0 {
         return Err(ApiError::invalid("The prompt is empty.", "prompt"));
@@ -130,10 +167,18 @@ pub fn check_lengths(state: &AppState, prompt_len: usize, requested: Option<u64>
     let ctx = state.model.context_length;
     let room = ctx.saturating_sub(prompt_len);
     let max_tokens = match requested {
-        Some(0) => return Err(ApiError::invalid("max_tokens must be at least 1.", "max_tokens")),
+        Some(0) => {
+            return Err(ApiError::invalid(
+                "max_tokens must be at least 1.",
+                "max_tokens",
+            ));
+        }
         Some(n) if n as usize > l.max_tokens => {
             return Err(ApiError::InvalidRequest {
-                message: format!("max_tokens is {n}; the limit (limits.max_tokens) is {}.", l.max_tokens),
+                message: format!(
+                    "max_tokens is {n}; the limit (limits.max_tokens) is {}.",
+                    l.max_tokens
+                ),
                 param: Some("max_tokens"),
                 code: "max_tokens_too_large",
             });
@@ -154,7 +199,11 @@ pub fn check_lengths(state: &AppState, prompt_len: usize, requested: Option<u64>
     Ok(max_tokens)
 }
 
-pub fn submit(state: &AppState, ctx: &RequestCtx, p: Prepared) -> Result<mpsc::Receiver<Event>, ApiError> {
+pub fn submit(
+    state: &AppState,
+    ctx: &RequestCtx,
+    p: Prepared,
+) -> Result<mpsc::Receiver<Event>, ApiError> {
     let (tx, rx) = mpsc::channel(scheduler::event_capacity(p.max_tokens));
     state
         .scheduler
@@ -167,7 +216,10 @@ pub fn submit(state: &AppState, ctx: &RequestCtx, p: Prepared) -> Result<mpsc::R
             logprobs: p.logprobs,
             events: tx,
         })
-        .map_err(|_| ApiError::Overloaded { what: "limits.queue_depth", retry_after_secs: 1 })?;
+        .map_err(|_| ApiError::Overloaded {
+            what: "limits.queue_depth",
+            retry_after_secs: 1,
+        })?;
     Ok(rx)
 }
 
@@ -186,12 +238,25 @@ pub async fn collect(mut rx: mpsc::Receiver<Event>) -> Result<Collected, ApiErro
     let mut logprobs = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
-            Event::Delta { text: t, logprobs: l } => {
+            Event::Delta {
+                text: t,
+                logprobs: l,
+            } => {
                 text.push_str(&t);
                 logprobs.extend(l);
             }
-            Event::Done { finish, prompt_tokens, completion_tokens } => {
-                return Ok(Collected { text, logprobs, finish, prompt_tokens, completion_tokens });
+            Event::Done {
+                finish,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                return Ok(Collected {
+                    text,
+                    logprobs,
+                    finish,
+                    prompt_tokens,
+                    completion_tokens,
+                });
             }
             Event::Failed => return Err(ApiError::Internal),
         }
@@ -256,8 +321,14 @@ pub fn stream(
         }
         while let Some(ev) = rx.recv().await {
             let frames: Vec<serde_json::Value> = match ev {
-                Event::Delta { text, logprobs } => fmt.delta(&text, &logprobs).into_iter().collect(),
-                Event::Done { finish, prompt_tokens, completion_tokens } => {
+                Event::Delta { text, logprobs } => {
+                    fmt.delta(&text, &logprobs).into_iter().collect()
+                }
+                Event::Done {
+                    finish,
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
                     tokens = (prompt_tokens, completion_tokens);
                     let mut v = vec![fmt.finish(finish)];
                     if include_usage {
@@ -284,7 +355,14 @@ pub fn stream(
     let mut r = Response::new(ApiBody::Stream(body_rx));
     *r.status_mut() = StatusCode::OK;
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Handled { response: r, logged: true, tokens: (0, 0) }
+    Handled {
+        response: r,
+        logged: true,
+        tokens: (0, 0),
+    }
 }

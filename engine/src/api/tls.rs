@@ -28,7 +28,8 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
     // A private key that others can read is refused, not merely warned about.
     check_private_mode(path, "TLS private key")?;
-    PrivateKeyDer::from_pem_file(path).with_context(|| format!("reading the private key in {}", path.display()))
+    PrivateKeyDer::from_pem_file(path)
+        .with_context(|| format!("reading the private key in {}", path.display()))
 }
 
 pub fn server_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<ServerConfig> {
@@ -42,7 +43,9 @@ pub fn server_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Resul
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
             for c in load_certs(ca)? {
-                roots.add(c).with_context(|| format!("adding a CA from {}", ca.display()))?;
+                roots
+                    .add(c)
+                    .with_context(|| format!("adding a CA from {}", ca.display()))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()

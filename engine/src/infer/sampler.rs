@@ -18,7 +18,12 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 1.0, top_p: 1.0, top_k: 0, seed: None }
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+        }
     }
 }
 
@@ -48,8 +53,10 @@ impl Sampler {
             idx.truncate(self.params.top_k);
         }
         let max = logits[idx[0] as usize];
-        let mut probs: Vec<f64> =
-            idx.iter().map(|&i| (((logits[i as usize] - max) / t) as f64).exp()).collect();
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| (((logits[i as usize] - max) / t) as f64).exp())
+            .collect();
         let sum: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= sum);
         if self.params.top_p < 1.0 {
@@ -99,22 +106,43 @@ mod tests {
 
     #[test]
     fn greedy_takes_the_maximum() {
-        let mut s = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        });
         assert_eq!(s.sample(&[0.1, 3.0, 2.9]), 1);
     }
 
     #[test]
     fn same_seed_same_tokens() {
-        let p = SamplingParams { temperature: 1.0, seed: Some(7), ..Default::default() };
-        let a: Vec<u32> = { let mut s = Sampler::new(p.clone()); (0..50).map(|_| s.sample(&logits())).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(p); (0..50).map(|_| s.sample(&logits())).collect() };
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: Some(7),
+            ..Default::default()
+        };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(p.clone());
+            (0..50).map(|_| s.sample(&logits())).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(p);
+            (0..50).map(|_| s.sample(&logits())).collect()
+        };
         assert_eq!(a, b);
-        assert!(a.iter().any(|&t| t != a[0]), "temperature 1 over 100 tokens should vary");
+        assert!(
+            a.iter().any(|&t| t != a[0]),
+            "temperature 1 over 100 tokens should vary"
+        );
     }
 
     #[test]
     fn top_k_one_is_greedy() {
-        let mut s = Sampler::new(SamplingParams { temperature: 2.0, top_k: 1, seed: Some(1), ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 2.0,
+            top_k: 1,
+            seed: Some(1),
+            ..Default::default()
+        });
         let l = logits();
         for _ in 0..20 {
             assert_eq!(s.sample(&l), argmax(&l));
@@ -125,7 +153,12 @@ mod tests {
     fn top_p_restricts_to_the_nucleus() {
         let mut l = vec![0.0f32; 10];
         l[3] = 10.0; // ~99.9% of the mass
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.5, seed: Some(3), ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            seed: Some(3),
+            ..Default::default()
+        });
         for _ in 0..50 {
             assert_eq!(s.sample(&l), 3);
         }

@@ -69,8 +69,15 @@ impl FinishReason {
 pub enum Event {
     /// New text (possibly empty while a character or a stop sequence is incomplete) and the
     /// tokens it came from, when logprobs were asked for.
-    Delta { text: String, logprobs: Vec<TokenLogprob> },
-    Done { finish: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    Delta {
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
+    Done {
+        finish: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
     /// The step failed; the cause is in the server log.
     Failed,
 }
@@ -110,7 +117,16 @@ pub fn spawn(
     let m = metrics.clone();
     let join = std::thread::Builder::new()
         .name("bulwark-infer".into())
-        .spawn(move || Scheduler { model, info, cfg, metrics: m, active: Vec::new() }.run(rx))?;
+        .spawn(move || {
+            Scheduler {
+                model,
+                info,
+                cfg,
+                metrics: m,
+                active: Vec::new(),
+            }
+            .run(rx)
+        })?;
     Ok((SchedulerHandle { tx, metrics }, join))
 }
 
@@ -157,9 +173,13 @@ impl Scheduler {
             self.active.retain(|a| !a.req.events.is_closed());
             let gone = before - self.active.len();
             if gone > 0 {
-                self.metrics.cancelled.fetch_add(gone as u64, Ordering::Relaxed);
+                self.metrics
+                    .cancelled
+                    .fetch_add(gone as u64, Ordering::Relaxed);
             }
-            self.metrics.active.store(self.active.len() as u64, Ordering::Relaxed);
+            self.metrics
+                .active
+                .store(self.active.len() as u64, Ordering::Relaxed);
             if !self.active.is_empty() {
                 self.step();
             }
@@ -202,17 +222,24 @@ impl Scheduler {
             }
         }
         plan.sort_unstable();
-        self.metrics.peak_batch.fetch_max(plan.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .peak_batch
+            .fetch_max(plan.len() as u64, Ordering::Relaxed);
         let mut planned = plan.iter().peekable();
         let mut items: Vec<BatchItem<'_>> = Vec::with_capacity(plan.len());
         for (i, a) in self.active.iter_mut().enumerate() {
-            let Some(&(_, n)) = planned.next_if(|(j, _)| *j == i) else { continue };
+            let Some(&(_, n)) = planned.next_if(|(j, _)| *j == i) else {
+                continue;
+            };
             let tokens: &[u32] = if a.prefilled < a.req.prompt.len() {
                 &a.req.prompt[a.prefilled..a.prefilled + n]
             } else {
                 &a.last
             };
-            items.push(BatchItem { tokens, cache: &mut a.cache });
+            items.push(BatchItem {
+                tokens,
+                cache: &mut a.cache,
+            });
         }
         let result = self.model.forward(&mut items);
         drop(items);
@@ -239,7 +266,9 @@ impl Scheduler {
             let prefilling = a.prefilled < a.req.prompt.len();
             if prefilling {
                 a.prefilled += n;
-                self.metrics.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
+                self.metrics
+                    .prompt_tokens
+                    .fetch_add(n as u64, Ordering::Relaxed);
                 if a.prefilled < a.req.prompt.len() {
                     continue; // more prompt to go: these logits are not a prediction we need
                 }
@@ -263,14 +292,18 @@ impl Scheduler {
         let id = a.sampler.sample(logits);
         a.generated += 1;
         a.last = [id];
-        self.metrics.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .generated_tokens
+            .fetch_add(1, Ordering::Relaxed);
 
         if let Some(n) = a.req.logprobs {
             let lp = log_softmax(logits);
             let mut order: Vec<u32> = (0..lp.len() as u32).collect();
             let k = n.min(MAX_TOP_LOGPROBS);
             if k > 0 {
-                order.select_nth_unstable_by(k - 1, |&x, &y| lp[y as usize].total_cmp(&lp[x as usize]));
+                order.select_nth_unstable_by(k - 1, |&x, &y| {
+                    lp[y as usize].total_cmp(&lp[x as usize])
+                });
                 order.truncate(k);
                 order.sort_by(|&x, &y| lp[y as usize].total_cmp(&lp[x as usize]));
             } else {
@@ -282,7 +315,10 @@ impl Scheduler {
                 logprob: lp[id as usize],
                 top: order
                     .iter()
-                    .map(|&t| TopLogprob { token: tok.token_text(t), logprob: lp[t as usize] })
+                    .map(|&t| TopLogprob {
+                        token: tok.token_text(t),
+                        logprob: lp[t as usize],
+                    })
                     .collect(),
             });
         }
@@ -294,7 +330,13 @@ impl Scheduler {
         a.pending_text.push_str(&delta);
 
         // Stop sequences: cut at the first match; hold back a tail that could start one.
-        if let Some(pos) = a.req.stop.iter().filter_map(|s| a.pending_text.find(s.as_str())).min() {
+        if let Some(pos) = a
+            .req
+            .stop
+            .iter()
+            .filter_map(|s| a.pending_text.find(s.as_str()))
+            .min()
+        {
             a.pending_text.truncate(pos);
             return Some(FinishReason::Stop);
         }
@@ -312,7 +354,11 @@ impl Scheduler {
         if release > 0 || !a.pending_logprobs.is_empty() {
             let text: String = a.pending_text.drain(..release).collect();
             let logprobs = std::mem::take(&mut a.pending_logprobs);
-            if a.req.events.try_send(Event::Delta { text, logprobs }).is_err() {
+            if a.req
+                .events
+                .try_send(Event::Delta { text, logprobs })
+                .is_err()
+            {
                 // Receiver gone (client left); the next step's sweep frees the slot.
             }
         }

@@ -21,7 +21,9 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; HASH_CHUNK_BYTES];
     loop {
-        let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -58,7 +60,11 @@ impl GgufFile {
         let content = Content::read(&mut reader)
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("{} is not a readable GGUF file", path.display()))?;
-        Ok(Self { path: path.to_owned(), content, reader })
+        Ok(Self {
+            path: path.to_owned(),
+            content,
+            reader,
+        })
     }
 
     pub fn tensor(
@@ -91,7 +97,12 @@ impl GgufFile {
     }
 
     pub fn opt_str(&self, key: &str) -> Option<&str> {
-        self.content.metadata.get(key)?.to_string().ok().map(String::as_str)
+        self.content
+            .metadata
+            .get(key)?
+            .to_string()
+            .ok()
+            .map(String::as_str)
     }
 
     pub fn get_u32(&self, key: &str) -> Result<u32> {
@@ -103,7 +114,11 @@ impl GgufFile {
     }
 
     pub fn opt_u32(&self, key: &str) -> Option<u32> {
-        self.content.metadata.contains_key(key).then(|| self.get_u32(key).ok()).flatten()
+        self.content
+            .metadata
+            .contains_key(key)
+            .then(|| self.get_u32(key).ok())
+            .flatten()
     }
 
     pub fn opt_f32(&self, key: &str) -> Option<f32> {
@@ -115,6 +130,8 @@ impl GgufFile {
     }
 
     pub fn get_array(&self, key: &str) -> Result<&Vec<Value>> {
-        self.get(key)?.to_vec().map_err(|e| anyhow::anyhow!("GGUF metadata key {key}: {e}"))
+        self.get(key)?
+            .to_vec()
+            .map_err(|e| anyhow::anyhow!("GGUF metadata key {key}: {e}"))
     }
 }

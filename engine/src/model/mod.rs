@@ -48,7 +48,10 @@ pub fn load(
         Some(src) => Some(
             ChatTemplate::new(
                 src,
-                tokenizer.bos_id.map(|id| tokenizer.token_text(id)).unwrap_or_default(),
+                tokenizer
+                    .bos_id
+                    .map(|id| tokenizer.token_text(id))
+                    .unwrap_or_default(),
                 tokenizer.token_text(tokenizer.eos_id),
             )
             .context("tokenizer.chat_template")?,
@@ -61,7 +64,16 @@ pub fn load(
         .ok()
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs());
-    Ok((ModelInfo { name: name.to_owned(), tokenizer, template, context_length: ctx, created }, model))
+    Ok((
+        ModelInfo {
+            name: name.to_owned(),
+            tokenizer,
+            template,
+            context_length: ctx,
+            created,
+        },
+        model,
+    ))
 }
 
 /// `bulwark model inspect`: architecture, tensors and tokenizer summary of a GGUF file.
@@ -71,7 +83,11 @@ pub fn inspect(path: &Path) -> Result<String> {
     let mut out = String::new();
     let w = &mut out;
     writeln!(w, "file: {}", path.display())?;
-    writeln!(w, "architecture: {}", gguf.opt_str("general.architecture").unwrap_or("?"))?;
+    writeln!(
+        w,
+        "architecture: {}",
+        gguf.opt_str("general.architecture").unwrap_or("?")
+    )?;
     if let Some(n) = gguf.opt_str("general.name") {
         writeln!(w, "name: {n}")?;
     }
@@ -80,8 +96,16 @@ pub fn inspect(path: &Path) -> Result<String> {
             w,
             "layers: {}\nhidden: {}\nffn: {}\nheads: {} (kv {})\nhead_dim: {}\ncontext_length: {}\n\
              rope_theta: {}\nrms_eps: {}\nvocab: {}",
-            c.n_layer, c.hidden, c.ffn, c.n_head, c.n_kv_head, c.head_dim, c.context_length,
-            c.rope_theta, c.rms_eps, c.vocab
+            c.n_layer,
+            c.hidden,
+            c.ffn,
+            c.n_head,
+            c.n_kv_head,
+            c.head_dim,
+            c.context_length,
+            c.rope_theta,
+            c.rms_eps,
+            c.vocab
         )?,
         Err(e) => writeln!(w, "unsupported: {e:#}")?,
     }
@@ -89,8 +113,16 @@ pub fn inspect(path: &Path) -> Result<String> {
     for info in gguf.content.tensor_infos.values() {
         *by_type.entry(format!("{:?}", info.ggml_dtype)).or_default() += 1;
     }
-    writeln!(w, "tensors: {} ({})", gguf.content.tensor_infos.len(),
-        by_type.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", "))?;
+    writeln!(
+        w,
+        "tensors: {} ({})",
+        gguf.content.tensor_infos.len(),
+        by_type
+            .iter()
+            .map(|(k, v)| format!("{v} {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )?;
     match ModelTokenizer::from_gguf(&gguf) {
         Ok(t) => writeln!(
             w,
@@ -102,7 +134,11 @@ pub fn inspect(path: &Path) -> Result<String> {
     writeln!(
         w,
         "chat_template: {}",
-        if gguf.opt_str("tokenizer.chat_template").is_some() { "present" } else { "absent" }
+        if gguf.opt_str("tokenizer.chat_template").is_some() {
+            "present"
+        } else {
+            "absent"
+        }
     )?;
     Ok(out)
 }

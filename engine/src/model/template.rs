@@ -31,16 +31,26 @@ impl ChatTemplate {
         env.set_fuel(Some(TEMPLATE_FUEL));
         // Python-style string methods (`.strip()`, `.startswith()`) that HF templates use.
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_template_owned("chat".to_owned(), source.to_owned())
             .context("the model's chat template does not parse")?;
-        Ok(Self { env, bos_token, eos_token })
+        Ok(Self {
+            env,
+            bos_token,
+            eos_token,
+        })
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        let tmpl = self.env.get_template("chat").context("chat template missing")?;
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .context("chat template missing")?;
         tmpl.render(context! {
             messages => minijinja::Value::from(minijinja::value::Serde(messages)),
             add_generation_prompt => add_generation_prompt,
@@ -61,9 +71,18 @@ mod tests {
     fn renders_chatml() {
         let t = ChatTemplate::new(CHATML, "<s>".into(), "</s>".into()).unwrap();
         let out = t
-            .render(&[ChatMessage { role: "user".into(), content: " hi ".into() }], true)
+            .render(
+                &[ChatMessage {
+                    role: "user".into(),
+                    content: " hi ".into(),
+                }],
+                true,
+            )
             .unwrap();
-        assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]
@@ -80,8 +99,8 @@ mod tests {
 
     #[test]
     fn template_cannot_include_files() {
-        let t = ChatTemplate::new("{% include '/etc/passwd' %}", String::new(), String::new())
-            .unwrap();
+        let t =
+            ChatTemplate::new("{% include '/etc/passwd' %}", String::new(), String::new()).unwrap();
         assert!(t.render(&[], true).is_err());
     }
 }

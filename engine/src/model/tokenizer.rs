@@ -42,7 +42,10 @@ impl ModelTokenizer {
                  are supported"
             );
         }
-        let pre_kind = gguf.opt_str("tokenizer.ggml.pre").unwrap_or("default").to_owned();
+        let pre_kind = gguf
+            .opt_str("tokenizer.ggml.pre")
+            .unwrap_or("default")
+            .to_owned();
         let tokens: Vec<String> = gguf
             .get_array("tokenizer.ggml.tokens")?
             .iter()
@@ -54,7 +57,9 @@ impl ModelTokenizer {
             .iter()
             .map(|v| {
                 let s = v.to_string().map_err(|e| anyhow::anyhow!("{e}"))?;
-                let (a, b) = s.split_once(' ').with_context(|| format!("bad merge {s:?}"))?;
+                let (a, b) = s
+                    .split_once(' ')
+                    .with_context(|| format!("bad merge {s:?}"))?;
                 Ok((a.to_owned(), b.to_owned()))
             })
             .collect::<Result<_>>()
@@ -70,11 +75,18 @@ impl ModelTokenizer {
             None => vec![1; tokens.len()],
         };
         if types.len() != tokens.len() {
-            bail!("tokenizer.ggml.token_type has {} entries for {} tokens", types.len(), tokens.len());
+            bail!(
+                "tokenizer.ggml.token_type has {} entries for {} tokens",
+                types.len(),
+                tokens.len()
+            );
         }
 
-        let vocab: ahash::AHashMap<String, u32> =
-            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: ahash::AHashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
@@ -123,7 +135,12 @@ impl ModelTokenizer {
             stop_ids.push(eot);
         }
         // End-of-turn markers of the common chat formats, when the vocabulary has them.
-        for marker in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>"] {
+        for marker in [
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|end_of_text|>",
+            "<|endoftext|>",
+        ] {
             if let Some(id) = inner.token_to_id(marker) {
                 stop_ids.push(id);
             }
@@ -137,7 +154,9 @@ impl ModelTokenizer {
             bos_id,
             eos_id,
             stop_ids,
-            add_bos: gguf.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(false),
+            add_bos: gguf
+                .opt_bool("tokenizer.ggml.add_bos_token")
+                .unwrap_or(false),
             model_kind,
             pre_kind,
             special_count,
@@ -147,7 +166,10 @@ impl ModelTokenizer {
     /// Token ids of an already rendered prompt. Special tokens written in the text (from the
     /// chat template) are recognised; BOS is added only if the model asks for it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode_fast(text, false).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut ids = enc.get_ids().to_vec();
         if self.add_bos
             && let Some(bos) = self.bos_id
@@ -159,7 +181,9 @@ impl ModelTokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| anyhow::anyhow!("{e}"))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     pub fn token_text(&self, id: u32) -> String {
@@ -174,6 +198,7 @@ impl ModelTokenizer {
 
 /// Turns a growing list of token ids into text deltas without ever splitting a UTF-8
 /// character: a delta is released only once it no longer ends in a partial character.
+#[derive(Default)]
 pub struct Detokenizer {
     ids: Vec<u32>,
     /// Start of the window re-decoded each step (a few tokens back, for merges across tokens).
@@ -184,14 +209,18 @@ pub struct Detokenizer {
 
 impl Detokenizer {
     pub fn new() -> Self {
-        Self { ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
+        Self::default()
     }
 
     /// Add one id; returns the newly complete text, if any.
     pub fn push(&mut self, tok: &ModelTokenizer, id: u32) -> String {
         self.ids.push(id);
-        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset]).unwrap_or_default();
-        let full = tok.decode(&self.ids[self.prefix_offset..]).unwrap_or_default();
+        let prefix = tok
+            .decode(&self.ids[self.prefix_offset..self.read_offset])
+            .unwrap_or_default();
+        let full = tok
+            .decode(&self.ids[self.prefix_offset..])
+            .unwrap_or_default();
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
             let delta = full[prefix.len()..].to_owned();
             self.prefix_offset = self.read_offset;

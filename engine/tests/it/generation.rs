@@ -11,12 +11,20 @@ use crate::util::{self, content};
 #[tokio::test]
 async fn greedy_chat_answers_the_question() {
     let t = util::state("");
-    let r = t.chat("What is the capital of France?", json!({"temperature": 0, "max_tokens": 24})).await;
+    let r = t
+        .chat(
+            "What is the capital of France?",
+            json!({"temperature": 0, "max_tokens": 24}),
+        )
+        .await;
     let text = content(&r);
     assert!(text.contains("Paris"), "{text}");
     let j = r.json();
     assert_eq!(j["choices"][0]["finish_reason"], "stop");
-    assert_eq!(j["usage"]["prompt_tokens"], 37, "same prompt length as llama.cpp's rendering");
+    assert_eq!(
+        j["usage"]["prompt_tokens"], 37,
+        "same prompt length as llama.cpp's rendering"
+    );
 }
 
 #[tokio::test]
@@ -28,7 +36,13 @@ async fn same_seed_same_output_and_seeds_matter() {
     assert_eq!(a, b);
     let mut outs = std::collections::HashSet::new();
     for seed in 1..=4 {
-        outs.insert(content(&t.chat("Tell me a story about a cat.", json!({"temperature": 1.0, "seed": seed, "max_tokens": 24})).await));
+        outs.insert(content(
+            &t.chat(
+                "Tell me a story about a cat.",
+                json!({"temperature": 1.0, "seed": seed, "max_tokens": 24}),
+            )
+            .await,
+        ));
     }
     assert!(outs.len() > 1, "different seeds should sample differently");
 }
@@ -36,13 +50,28 @@ async fn same_seed_same_output_and_seeds_matter() {
 #[tokio::test]
 async fn stop_sequences_cut_the_output() {
     let t = util::state("");
-    let base = content(&t.chat("Count from 1 to 10, separated by commas.", json!({"temperature": 0, "max_tokens": 40})).await);
+    let base = content(
+        &t.chat(
+            "Count from 1 to 10, separated by commas.",
+            json!({"temperature": 0, "max_tokens": 40}),
+        )
+        .await,
+    );
     assert!(base.contains('5'), "{base}");
-    let r = t.chat("Count from 1 to 10, separated by commas.", json!({"temperature": 0, "max_tokens": 40, "stop": ["5"]})).await;
+    let r = t
+        .chat(
+            "Count from 1 to 10, separated by commas.",
+            json!({"temperature": 0, "max_tokens": 40, "stop": ["5"]}),
+        )
+        .await;
     let cut = content(&r);
     assert_eq!(r.json()["choices"][0]["finish_reason"], "stop");
     assert!(!cut.contains('5'), "{cut}");
-    assert_eq!(cut, base[..base.find('5').unwrap()], "stops exactly before the stop sequence");
+    assert_eq!(
+        cut,
+        base[..base.find('5').unwrap()],
+        "stops exactly before the stop sequence"
+    );
 }
 
 #[tokio::test]
@@ -57,10 +86,17 @@ async fn max_tokens_ends_with_length() {
 #[tokio::test]
 async fn concurrent_requests_share_steps_and_get_the_same_answers() {
     let t = util::state("");
-    let prompts = ["What is the capital of France?", "Name a color.", "What is 2+2?", "Say hello in Spanish."];
+    let prompts = [
+        "What is the capital of France?",
+        "Name a color.",
+        "What is 2+2?",
+        "Say hello in Spanish.",
+    ];
     let mut alone = Vec::new();
     for p in prompts {
-        alone.push(content(&t.chat(p, json!({"temperature": 0, "max_tokens": 32})).await));
+        alone.push(content(
+            &t.chat(p, json!({"temperature": 0, "max_tokens": 32})).await,
+        ));
     }
     assert_eq!(t.state.metrics.peak_batch.load(Ordering::Relaxed), 1);
     let futs = prompts.map(|p| {
@@ -69,7 +105,10 @@ async fn concurrent_requests_share_steps_and_get_the_same_answers() {
     });
     let together = futures_join_all(futs).await;
     assert_eq!(alone, together, "batching must not change greedy answers");
-    assert!(t.state.metrics.peak_batch.load(Ordering::Relaxed) >= 2, "requests did not share steps");
+    assert!(
+        t.state.metrics.peak_batch.load(Ordering::Relaxed) >= 2,
+        "requests did not share steps"
+    );
 }
 
 async fn futures_join_all<F: std::future::Future>(futs: [F; 4]) -> Vec<F::Output> {
@@ -82,23 +121,37 @@ async fn futures_join_all<F: std::future::Future>(futs: [F; 4]) -> Vec<F::Output
 async fn a_dropped_request_frees_its_slot_at_once() {
     let t = util::state("");
     let metrics = t.state.metrics.clone();
-    let fut = t.chat("Write a long essay about the sea.", json!({"max_tokens": 2000, "temperature": 0.7}));
+    let fut = t.chat(
+        "Write a long essay about the sea.",
+        json!({"max_tokens": 2000, "temperature": 0.7}),
+    );
     // Abandon the request while it generates (as hyper does when a client disconnects).
     let _ = tokio::time::timeout(Duration::from_millis(700), fut).await;
     let deadline = Instant::now() + Duration::from_secs(5);
-    while metrics.active.load(Ordering::Relaxed) != 0 || metrics.cancelled.load(Ordering::Relaxed) == 0 {
+    while metrics.active.load(Ordering::Relaxed) != 0
+        || metrics.cancelled.load(Ordering::Relaxed) == 0
+    {
         assert!(Instant::now() < deadline, "slot not freed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let generated = metrics.generated_tokens.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(metrics.generated_tokens.load(Ordering::Relaxed), generated, "still generating");
+    assert_eq!(
+        metrics.generated_tokens.load(Ordering::Relaxed),
+        generated,
+        "still generating"
+    );
 }
 
 #[tokio::test]
 async fn logprobs_are_consistent() {
     let t = util::state("");
-    let r = t.chat("What is the capital of France?", json!({"temperature": 0, "max_tokens": 4, "logprobs": true, "top_logprobs": 5})).await;
+    let r = t
+        .chat(
+            "What is the capital of France?",
+            json!({"temperature": 0, "max_tokens": 4, "logprobs": true, "top_logprobs": 5}),
+        )
+        .await;
     let j = r.json();
     let lp = j["choices"][0]["logprobs"]["content"].as_array().unwrap();
     assert_eq!(lp.len(), 4);

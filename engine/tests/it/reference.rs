@@ -61,37 +61,93 @@ fn reference() -> Reference {
 fn prompt_token_ids_match_llama_cpp() {
     let r = reference();
     assert_eq!(r.model_sha256, util::MODEL_SHA256);
-    let (info, _) = bulwark::model::load(&util::model_path(), util::MODEL_SHA256, "m", Some(512), WeightFormat::F32, &Device::Cpu).unwrap();
+    let (info, _) = bulwark::model::load(
+        &util::model_path(),
+        util::MODEL_SHA256,
+        "m",
+        Some(512),
+        WeightFormat::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let template = info.template.as_ref().unwrap();
     for case in &r.chat {
-        let msgs: Vec<ChatMessage> = case.messages.iter().map(|m| ChatMessage { role: m.role.clone(), content: m.content.clone() }).collect();
+        let msgs: Vec<ChatMessage> = case
+            .messages
+            .iter()
+            .map(|m| ChatMessage {
+                role: m.role.clone(),
+                content: m.content.clone(),
+            })
+            .collect();
         let rendered = template.render(&msgs, true).unwrap();
-        assert_eq!(rendered, case.rendered, "chat template rendering differs from jinja2");
-        assert_eq!(info.tokenizer.encode(&rendered).unwrap(), case.prompt_ids, "{:?}", case.rendered);
+        assert_eq!(
+            rendered, case.rendered,
+            "chat template rendering differs from jinja2"
+        );
+        assert_eq!(
+            info.tokenizer.encode(&rendered).unwrap(),
+            case.prompt_ids,
+            "{:?}",
+            case.rendered
+        );
     }
     for case in &r.raw {
-        assert_eq!(info.tokenizer.encode(&case.text).unwrap(), case.ids, "{:?}", case.text);
-        assert_eq!(info.tokenizer.decode(&case.ids).unwrap(), case.text.replace("<|im_start|>", "").replace("<|im_end|>", ""));
+        assert_eq!(
+            info.tokenizer.encode(&case.text).unwrap(),
+            case.ids,
+            "{:?}",
+            case.text
+        );
+        assert_eq!(
+            info.tokenizer.decode(&case.ids).unwrap(),
+            case.text
+                .replace("<|im_start|>", "")
+                .replace("<|im_end|>", "")
+        );
     }
 }
 
 #[test]
 fn first_token_logprobs_match_llama_cpp() {
     let r = reference();
-    let (_, model) = bulwark::model::load(&util::model_path(), util::MODEL_SHA256, "m", Some(512), WeightFormat::F32, &Device::Cpu).unwrap();
+    let (_, model) = bulwark::model::load(
+        &util::model_path(),
+        util::MODEL_SHA256,
+        "m",
+        Some(512),
+        WeightFormat::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
     let mut worst = 0f32;
     for case in &r.chat {
         let mut cache = model.new_cache();
-        let logits = model.forward(&mut [BatchItem { tokens: &case.prompt_ids, cache: &mut cache }]).unwrap();
+        let logits = model
+            .forward(&mut [BatchItem {
+                tokens: &case.prompt_ids,
+                cache: &mut cache,
+            }])
+            .unwrap();
         let lp = log_softmax(&logits[0]);
         for t in &case.top {
             let d = (lp[t.id as usize] - t.logprob).abs();
             worst = worst.max(d);
-            assert!(d <= LOGPROB_TOLERANCE, "token {} : ours {} llama.cpp {} ({:?})", t.id, lp[t.id as usize], t.logprob, case.rendered);
+            assert!(
+                d <= LOGPROB_TOLERANCE,
+                "token {} : ours {} llama.cpp {} ({:?})",
+                t.id,
+                lp[t.id as usize],
+                t.logprob,
+                case.rendered
+            );
         }
         let ours_top1 = bulwark::infer::sampler::argmax(&logits[0]);
         if case.top[0].logprob - case.top[1].logprob > LOGPROB_TOLERANCE {
-            assert_eq!(ours_top1, case.top[0].id, "top-1 differs where llama.cpp is confident");
+            assert_eq!(
+                ours_top1, case.top[0].id,
+                "top-1 differs where llama.cpp is confident"
+            );
         }
     }
     eprintln!("largest logprob difference from llama.cpp: {worst:.4} nats");

@@ -6,7 +6,9 @@ use serde_json::json;
 use crate::util::{self, MODEL_NAME, call};
 
 fn posture_routes() -> Vec<(String, String, bool)> {
-    let text = std::fs::read_to_string(util::repo_root().join("engine/tests/data/posture-routes.txt")).unwrap();
+    let text =
+        std::fs::read_to_string(util::repo_root().join("engine/tests/data/posture-routes.txt"))
+            .unwrap();
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .map(|l| {
@@ -24,20 +26,54 @@ async fn every_scanner_route_is_401_anonymously_and_never_5xx_with_a_key() {
     let auth = t.bearer();
     for (method, path, body) in &routes {
         let body = body.then_some("{}");
-        let anon = call(&t.state, method, path, &[("content-type", "application/json")], body).await;
-        assert_eq!(anon.status, StatusCode::UNAUTHORIZED, "{method} {path}: {}", anon.text());
+        let anon = call(
+            &t.state,
+            method,
+            path,
+            &[("content-type", "application/json")],
+            body,
+        )
+        .await;
+        assert_eq!(
+            anon.status,
+            StatusCode::UNAUTHORIZED,
+            "{method} {path}: {}",
+            anon.text()
+        );
         assert_eq!(anon.json()["error"]["code"], "invalid_api_key");
         assert!(anon.headers.get("server").is_none());
-        let also_post = call(&t.state, "POST", path, &[("content-type", "application/json")], Some("{}")).await;
+        let also_post = call(
+            &t.state,
+            "POST",
+            path,
+            &[("content-type", "application/json")],
+            Some("{}"),
+        )
+        .await;
         assert_eq!(also_post.status, StatusCode::UNAUTHORIZED, "POST {path}");
-        let keyed = call(&t.state, method, path, &[("authorization", &auth), ("content-type", "application/json")], body).await;
+        let keyed = call(
+            &t.state,
+            method,
+            path,
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            body,
+        )
+        .await;
         let expected = match path.as_str() {
             "/v1/models" | "/health" => StatusCode::OK,
             // Real routes with the scanner's empty body: a clear 400, never 5xx.
             "/v1/chat/completions" | "/v1/completions" => StatusCode::BAD_REQUEST,
             _ => StatusCode::NOT_FOUND,
         };
-        assert_eq!(keyed.status, expected, "{method} {path} with a key: {}", keyed.text());
+        assert_eq!(
+            keyed.status,
+            expected,
+            "{method} {path} with a key: {}",
+            keyed.text()
+        );
     }
 }
 
@@ -46,50 +82,117 @@ async fn auth_precedes_routing_for_every_method_and_path_variant() {
     let t = util::state("");
     let auth = t.bearer();
     let paths = [
-        "/", "/v1", "/v1/", "/v1/models/", "//v1/models", "/v1//models", "/v1/../v1/models",
-        "/v1/./models", "/v1/%6dodels", "/v1%2Fmodels", "/V1/MODELS", "/v1/Models", "/health/",
-        "/HEALTH", "/health%20", "/v1/models?x=1", "/v1/chat/completions/", "/docs", "/metrics",
-        "/openapi.json", "/version", "/.env", "/v1/models/../../etc/passwd",
+        "/",
+        "/v1",
+        "/v1/",
+        "/v1/models/",
+        "//v1/models",
+        "/v1//models",
+        "/v1/../v1/models",
+        "/v1/./models",
+        "/v1/%6dodels",
+        "/v1%2Fmodels",
+        "/V1/MODELS",
+        "/v1/Models",
+        "/health/",
+        "/HEALTH",
+        "/health%20",
+        "/v1/models?x=1",
+        "/v1/chat/completions/",
+        "/docs",
+        "/metrics",
+        "/openapi.json",
+        "/version",
+        "/.env",
+        "/v1/models/../../etc/passwd",
     ];
-    let methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE", "PROPFIND"];
+    let methods = [
+        "GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE", "PROPFIND",
+    ];
     for path in paths {
         for method in methods {
             let r = call(&t.state, method, path, &[], None).await;
-            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "anonymous {method} {path}");
+            assert_eq!(
+                r.status,
+                StatusCode::UNAUTHORIZED,
+                "anonymous {method} {path}"
+            );
             let r = call(&t.state, method, path, &[("authorization", &auth)], None).await;
             let ok_exact = path == "/v1/models?x=1" && method == "GET";
             if !ok_exact {
                 assert!(
-                    matches!(r.status, StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED),
-                    "{method} {path} with a key: {}", r.status
+                    matches!(
+                        r.status,
+                        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
+                    ),
+                    "{method} {path} with a key: {}",
+                    r.status
                 );
             }
         }
     }
     // Upgrade requests are authenticated like any other, and never upgraded.
     for (k, v) in [("upgrade", "websocket"), ("upgrade", "h2c")] {
-        let r = call(&t.state, "GET", "/v1/models", &[(k, v), ("connection", "upgrade")], None).await;
+        let r = call(
+            &t.state,
+            "GET",
+            "/v1/models",
+            &[(k, v), ("connection", "upgrade")],
+            None,
+        )
+        .await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     }
     // With anonymous health on, only a byte-exact GET /health is anonymous.
     let mut cfg = util::config("");
     cfg.server.anonymous_health = true;
     let t = util::state_with(cfg);
-    assert_eq!(call(&t.state, "GET", "/health", &[], None).await.status, StatusCode::OK);
+    assert_eq!(
+        call(&t.state, "GET", "/health", &[], None).await.status,
+        StatusCode::OK
+    );
     for path in ["/health/", "/HEALTH", "//health", "/health?x", "/healthz"] {
-        let expected = if path == "/health?x" { StatusCode::OK } else { StatusCode::UNAUTHORIZED };
-        assert_eq!(call(&t.state, "GET", path, &[], None).await.status, expected, "{path}");
+        let expected = if path == "/health?x" {
+            StatusCode::OK
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        assert_eq!(
+            call(&t.state, "GET", path, &[], None).await.status,
+            expected,
+            "{path}"
+        );
     }
-    assert_eq!(call(&t.state, "HEAD", "/health", &[], None).await.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(call(&t.state, "POST", "/health", &[], None).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        call(&t.state, "HEAD", "/health", &[], None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&t.state, "POST", "/health", &[], None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 #[tokio::test]
 async fn health_needs_a_key_unless_made_anonymous_and_says_nothing() {
     let t = util::state("");
-    assert_eq!(call(&t.state, "GET", "/health", &[], None).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        call(&t.state, "GET", "/health", &[], None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
     let auth = t.bearer();
-    assert_eq!(call(&t.state, "GET", "/health", &[("authorization", &auth)], None).await.status, StatusCode::OK);
+    assert_eq!(
+        call(
+            &t.state,
+            "GET",
+            "/health",
+            &[("authorization", &auth)],
+            None
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
     let mut cfg = util::config("");
     cfg.server.anonymous_health = true;
     let t = util::state_with(cfg);
@@ -107,12 +210,33 @@ async fn keys_are_accepted_only_from_a_bearer_header() {
         (format!("/v1/models?api_key={key}"), vec![]),
         ("/v1/models".into(), vec![("x-api-key", key.clone())]),
         ("/v1/models".into(), vec![("authorization", key.clone())]),
-        ("/v1/models".into(), vec![("authorization", format!("Basic {key}"))]),
-        ("/v1/models".into(), vec![("authorization", format!("Bearer {key}x"))]),
-        ("/v1/models".into(), vec![("authorization", format!("Bearer  {key}"))]),
-        ("/v1/models".into(), vec![("authorization", "Bearer ".into())]),
-        ("/v1/models".into(), vec![("authorization", format!("Bearer {}", &key[..20]))]),
-        ("/v1/models".into(), vec![("authorization", format!("Bearer {key}")), ("authorization", format!("Bearer {key}"))]),
+        (
+            "/v1/models".into(),
+            vec![("authorization", format!("Basic {key}"))],
+        ),
+        (
+            "/v1/models".into(),
+            vec![("authorization", format!("Bearer {key}x"))],
+        ),
+        (
+            "/v1/models".into(),
+            vec![("authorization", format!("Bearer  {key}"))],
+        ),
+        (
+            "/v1/models".into(),
+            vec![("authorization", "Bearer ".into())],
+        ),
+        (
+            "/v1/models".into(),
+            vec![("authorization", format!("Bearer {}", &key[..20]))],
+        ),
+        (
+            "/v1/models".into(),
+            vec![
+                ("authorization", format!("Bearer {key}")),
+                ("authorization", format!("Bearer {key}")),
+            ],
+        ),
         ("/v1/models".into(), vec![("cookie", format!("key={key}"))]),
     ];
     for (path, headers) in cases {
@@ -122,10 +246,24 @@ async fn keys_are_accepted_only_from_a_bearer_header() {
         assert_eq!(r.headers.get("www-authenticate").unwrap(), "Bearer");
         assert!(!r.text().contains(&key));
     }
-    let r = call(&t.state, "GET", "/v1/models", &[("authorization", &format!("bearer {key}"))], None).await;
+    let r = call(
+        &t.state,
+        "GET",
+        "/v1/models",
+        &[("authorization", &format!("bearer {key}"))],
+        None,
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK, "the scheme is case-insensitive");
     let other = format!("Bearer {}", t.other_key);
-    let r = call(&t.state, "GET", "/v1/models", &[("authorization", &other)], None).await;
+    let r = call(
+        &t.state,
+        "GET",
+        "/v1/models",
+        &[("authorization", &other)],
+        None,
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK, "every key in the file works");
 }
 
@@ -133,14 +271,40 @@ async fn keys_are_accepted_only_from_a_bearer_header() {
 async fn models_lists_the_served_model_and_unknown_models_are_404() {
     let t = util::state("");
     let auth = t.bearer();
-    let r = call(&t.state, "GET", "/v1/models", &[("authorization", &auth)], None).await;
+    let r = call(
+        &t.state,
+        "GET",
+        "/v1/models",
+        &[("authorization", &auth)],
+        None,
+    )
+    .await;
     assert_eq!(r.json()["data"][0]["id"], MODEL_NAME);
-    let r = call(&t.state, "GET", &format!("/v1/models/{MODEL_NAME}"), &[("authorization", &auth)], None).await;
+    let r = call(
+        &t.state,
+        "GET",
+        &format!("/v1/models/{MODEL_NAME}"),
+        &[("authorization", &auth)],
+        None,
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK);
-    let r = call(&t.state, "GET", "/v1/models/gpt-4", &[("authorization", &auth)], None).await;
+    let r = call(
+        &t.state,
+        "GET",
+        "/v1/models/gpt-4",
+        &[("authorization", &auth)],
+        None,
+    )
+    .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(r.json()["error"]["code"], "model_not_found");
-    let r = t.post("/v1/chat/completions", json!({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]})).await;
+    let r = t
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(r.json()["error"]["param"], "model");
 }
@@ -149,12 +313,33 @@ async fn models_lists_the_served_model_and_unknown_models_are_404() {
 async fn cors_is_off_by_default() {
     let t = util::state("");
     let auth = t.bearer();
-    let r = call(&t.state, "GET", "/v1/models", &[("authorization", &auth), ("origin", "https://evil.example")], None).await;
+    let r = call(
+        &t.state,
+        "GET",
+        "/v1/models",
+        &[("authorization", &auth), ("origin", "https://evil.example")],
+        None,
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.headers.get("access-control-allow-origin").is_none());
-    let r = call(&t.state, "OPTIONS", "/v1/completions", &[("origin", "https://evil.example"), ("access-control-request-method", "POST")], None).await;
+    let r = call(
+        &t.state,
+        "OPTIONS",
+        "/v1/completions",
+        &[
+            ("origin", "https://evil.example"),
+            ("access-control-request-method", "POST"),
+        ],
+        None,
+    )
+    .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    assert!(r.headers.keys().all(|k| !k.as_str().starts_with("access-control")));
+    assert!(
+        r.headers
+            .keys()
+            .all(|k| !k.as_str().starts_with("access-control"))
+    );
 }
 
 #[tokio::test]
@@ -163,15 +348,43 @@ async fn cors_allows_exact_origins_and_never_reflects() {
     cfg.server.cors_origins = vec!["https://app.example".into()];
     let t = util::state_with(cfg);
     let auth = t.bearer();
-    let pre = [("origin", "https://app.example"), ("access-control-request-method", "POST")];
+    let pre = [
+        ("origin", "https://app.example"),
+        ("access-control-request-method", "POST"),
+    ];
     let r = call(&t.state, "OPTIONS", "/v1/chat/completions", &pre, None).await;
     assert_eq!(r.status, StatusCode::NO_CONTENT);
-    assert_eq!(r.headers["access-control-allow-origin"], "https://app.example");
-    for evil in ["https://evil.example", "https://app.example.evil.example", "null", "https://APP.example"] {
-        let r = call(&t.state, "OPTIONS", "/v1/chat/completions", &[("origin", evil), ("access-control-request-method", "POST")], None).await;
+    assert_eq!(
+        r.headers["access-control-allow-origin"],
+        "https://app.example"
+    );
+    for evil in [
+        "https://evil.example",
+        "https://app.example.evil.example",
+        "null",
+        "https://APP.example",
+    ] {
+        let r = call(
+            &t.state,
+            "OPTIONS",
+            "/v1/chat/completions",
+            &[("origin", evil), ("access-control-request-method", "POST")],
+            None,
+        )
+        .await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{evil}");
-        let r = call(&t.state, "GET", "/v1/models", &[("authorization", &auth), ("origin", evil)], None).await;
-        assert!(r.headers.get("access-control-allow-origin").is_none(), "{evil} reflected");
+        let r = call(
+            &t.state,
+            "GET",
+            "/v1/models",
+            &[("authorization", &auth), ("origin", evil)],
+            None,
+        )
+        .await;
+        assert!(
+            r.headers.get("access-control-allow-origin").is_none(),
+            "{evil} reflected"
+        );
     }
     // A preflight for an unknown path is not answered anonymously.
     let r = call(&t.state, "OPTIONS", "/admin", &pre, None).await;
@@ -180,10 +393,24 @@ async fn cors_allows_exact_origins_and_never_reflects() {
 
 #[tokio::test]
 async fn limits_answer_with_their_names() {
-    let t = util::state("[limits]\nmax_body_bytes = 2048\nmax_tokens = 64\nmax_prompt_tokens = 50\nmax_headers = 20\nmax_header_bytes = 2048\nmax_messages = 3\n");
+    let t = util::state(
+        "[limits]\nmax_body_bytes = 2048\nmax_tokens = 64\nmax_prompt_tokens = 50\nmax_headers = 20\nmax_header_bytes = 2048\nmax_messages = 3\n",
+    );
     let auth = t.bearer();
-    let big = json!({"model": MODEL_NAME, "messages": [{"role": "user", "content": "x".repeat(4000)}]}).to_string();
-    let r = call(&t.state, "POST", "/v1/chat/completions", &[("authorization", &auth), ("content-type", "application/json")], Some(&big)).await;
+    let big =
+        json!({"model": MODEL_NAME, "messages": [{"role": "user", "content": "x".repeat(4000)}]})
+            .to_string();
+    let r = call(
+        &t.state,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        Some(&big),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(r.text().contains("limits.max_body_bytes"), "{}", r.text());
 
@@ -194,10 +421,21 @@ async fn limits_answer_with_their_names() {
 
     let r = t.chat(&"word ".repeat(80), json!({})).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    assert!(r.text().contains("limits.max_prompt_tokens"), "{}", r.text());
+    assert!(
+        r.text().contains("limits.max_prompt_tokens"),
+        "{}",
+        r.text()
+    );
 
-    let msgs: Vec<_> = (0..4).map(|_| json!({"role": "user", "content": "a"})).collect();
-    let r = t.post("/v1/chat/completions", json!({"model": MODEL_NAME, "messages": msgs})).await;
+    let msgs: Vec<_> = (0..4)
+        .map(|_| json!({"role": "user", "content": "a"}))
+        .collect();
+    let r = t
+        .post(
+            "/v1/chat/completions",
+            json!({"model": MODEL_NAME, "messages": msgs}),
+        )
+        .await;
     assert!(r.text().contains("limits.max_messages"), "{}", r.text());
 
     let many: Vec<(String, String)> = (0..25).map(|i| (format!("x-h{i}"), "v".into())).collect();
@@ -207,11 +445,25 @@ async fn limits_answer_with_their_names() {
     assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     assert!(r.text().contains("limits.max_headers"));
     let long = "v".repeat(3000);
-    let r = call(&t.state, "GET", "/v1/models", &[("authorization", &auth), ("x-long", &long)], None).await;
+    let r = call(
+        &t.state,
+        "GET",
+        "/v1/models",
+        &[("authorization", &auth), ("x-long", &long)],
+        None,
+    )
+    .await;
     assert_eq!(r.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     assert!(r.text().contains("limits.max_header_bytes"));
 
-    let r = call(&t.state, "POST", "/v1/chat/completions", &[("authorization", &auth), ("content-type", "text/plain")], Some("{}")).await;
+    let r = call(
+        &t.state,
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", &auth), ("content-type", "text/plain")],
+        Some("{}"),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
 }
 
@@ -220,14 +472,50 @@ async fn per_key_rate_limit_answers_429_with_retry_after() {
     let t = util::state("[limits]\nrate_limit_per_minute = 3\n");
     let auth = t.bearer();
     for _ in 0..3 {
-        assert_eq!(call(&t.state, "GET", "/v1/models", &[("authorization", &auth)], None).await.status, StatusCode::OK);
+        assert_eq!(
+            call(
+                &t.state,
+                "GET",
+                "/v1/models",
+                &[("authorization", &auth)],
+                None
+            )
+            .await
+            .status,
+            StatusCode::OK
+        );
     }
-    let r = call(&t.state, "GET", "/v1/models", &[("authorization", &auth)], None).await;
+    let r = call(
+        &t.state,
+        "GET",
+        "/v1/models",
+        &[("authorization", &auth)],
+        None,
+    )
+    .await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
-    assert!(r.headers["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    assert!(
+        r.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
     assert!(r.text().contains("limits.rate_limit_per_minute"));
     let other = format!("Bearer {}", t.other_key);
-    assert_eq!(call(&t.state, "GET", "/v1/models", &[("authorization", &other)], None).await.status, StatusCode::OK);
+    assert_eq!(
+        call(
+            &t.state,
+            "GET",
+            "/v1/models",
+            &[("authorization", &other)],
+            None
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
@@ -235,12 +523,30 @@ async fn in_flight_limit_answers_503_with_retry_after() {
     let t = util::state("[limits]\nmax_in_flight = 1\n");
     let permit = t.state.in_flight.clone().try_acquire_owned().unwrap();
     let auth = t.bearer();
-    let r = call(&t.state, "GET", "/v1/models", &[("authorization", &auth)], None).await;
+    let r = call(
+        &t.state,
+        "GET",
+        "/v1/models",
+        &[("authorization", &auth)],
+        None,
+    )
+    .await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(r.headers["retry-after"], "1");
     assert!(r.text().contains("limits.max_in_flight"));
     drop(permit);
-    assert_eq!(call(&t.state, "GET", "/v1/models", &[("authorization", &auth)], None).await.status, StatusCode::OK);
+    assert_eq!(
+        call(
+            &t.state,
+            "GET",
+            "/v1/models",
+            &[("authorization", &auth)],
+            None
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
@@ -253,7 +559,10 @@ async fn unsupported_inputs_are_refused_by_name() {
         (json!({"temperature": 3.0}), "temperature"),
         (json!({"top_p": 0.0}), "top_p"),
         (json!({"top_logprobs": 3}), "top_logprobs"),
-        (json!({"logprobs": true, "top_logprobs": 21}), "top_logprobs"),
+        (
+            json!({"logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
         (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
         (json!({"max_tokens": 0}), "max_tokens"),
         (json!({"presence_penalty": 0.5}), "presence_penalty"),
@@ -274,7 +583,17 @@ async fn unsupported_inputs_are_refused_by_name() {
     assert!(r.text().contains("never fetched"));
     // Malformed JSON gets a 400 without internals.
     let auth = t.bearer();
-    let r = call(&t.state, "POST", "/v1/completions", &[("authorization", &auth), ("content-type", "application/json")], Some("{\"model\":")).await;
+    let r = call(
+        &t.state,
+        "POST",
+        "/v1/completions",
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        Some("{\"model\":"),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.json()["error"]["code"], "invalid_json");
 }
@@ -288,6 +607,8 @@ async fn context_window_is_enforced() {
     let r = t.chat("hello there", json!({"max_tokens": 60})).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.json()["error"]["code"], "context_length_exceeded");
-    let r = t.chat("hello there", json!({"max_tokens": 10, "temperature": 0})).await;
+    let r = t
+        .chat("hello there", json!({"max_tokens": 10, "temperature": 0}))
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
 }

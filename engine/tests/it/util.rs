@@ -14,14 +14,21 @@ pub const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc7
 pub const MODEL_NAME: &str = "smollm2-135m-instruct";
 
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 pub fn model_path() -> PathBuf {
-    let p = std::env::var_os("BULWARK_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        repo_root().join(".demo/model/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
-    assert!(p.exists(), "demo model missing at {}: run scripts/fetch-model.sh", p.display());
+    let p = std::env::var_os("BULWARK_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".demo/model/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert!(
+        p.exists(),
+        "demo model missing at {}: run scripts/fetch-model.sh",
+        p.display()
+    );
     p
 }
 
@@ -57,7 +64,11 @@ pub fn state_with(cfg: Config) -> TestState {
     ))
     .unwrap();
     let (state, _thread) = bulwark::serve::build_state(&cfg, keys).unwrap();
-    TestState { state, key, other_key }
+    TestState {
+        state,
+        key,
+        other_key,
+    }
 }
 
 pub struct Reply {
@@ -83,16 +94,24 @@ pub async fn call(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> Reply {
-    let mut b = Request::builder().method(Method::from_bytes(method.as_bytes()).unwrap()).uri(path);
+    let mut b = Request::builder()
+        .method(Method::from_bytes(method.as_bytes()).unwrap())
+        .uri(path);
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
-    let req = b.body(Full::new(Bytes::from(body.unwrap_or("").to_owned()))).unwrap();
+    let req = b
+        .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
+        .unwrap();
     let resp = api::handle(state.clone(), req).await;
     let status = resp.status();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
-    Reply { status, headers, body }
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }
 
 impl TestState {
@@ -106,7 +125,10 @@ impl TestState {
             &self.state,
             "POST",
             path,
-            &[("authorization", &auth), ("content-type", "application/json")],
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
             Some(&body.to_string()),
         )
         .await
@@ -127,5 +149,8 @@ impl TestState {
 /// Content of a non-streaming chat reply.
 pub fn content(r: &Reply) -> String {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
-    r.json()["choices"][0]["message"]["content"].as_str().unwrap().to_owned()
+    r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }

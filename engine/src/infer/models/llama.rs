@@ -53,11 +53,24 @@ impl LlamaConfig {
         }
         let n_head = gguf.get_u32("llama.attention.head_count")? as usize;
         let hidden = gguf.get_u32("llama.embedding_length")? as usize;
-        ensure!(n_head > 0 && hidden % n_head == 0, "embedding_length not divisible by head_count");
-        let n_kv_head = gguf.opt_u32("llama.attention.head_count_kv").map_or(n_head, |v| v as usize);
-        ensure!(n_kv_head > 0 && n_head % n_kv_head == 0, "head_count not divisible by head_count_kv");
-        let head_dim = gguf.opt_u32("llama.rope.dimension_count").map_or(hidden / n_head, |v| v as usize);
-        ensure!(head_dim == hidden / n_head, "partial rotary embeddings are not supported");
+        ensure!(
+            n_head > 0 && hidden.is_multiple_of(n_head),
+            "embedding_length not divisible by head_count"
+        );
+        let n_kv_head = gguf
+            .opt_u32("llama.attention.head_count_kv")
+            .map_or(n_head, |v| v as usize);
+        ensure!(
+            n_kv_head > 0 && n_head.is_multiple_of(n_kv_head),
+            "head_count not divisible by head_count_kv"
+        );
+        let head_dim = gguf
+            .opt_u32("llama.rope.dimension_count")
+            .map_or(hidden / n_head, |v| v as usize);
+        ensure!(
+            head_dim == hidden / n_head,
+            "partial rotary embeddings are not supported"
+        );
         if gguf.has_tensor("rope_freqs.weight") {
             bail!("models with rope frequency factors (rope_freqs.weight) are not supported");
         }
@@ -73,7 +86,9 @@ impl LlamaConfig {
             ffn: gguf.get_u32("llama.feed_forward_length")? as usize,
             head_dim,
             rope_theta: gguf.opt_f32("llama.rope.freq_base").unwrap_or(10_000.0),
-            rms_eps: gguf.opt_f32("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f64,
+            rms_eps: gguf
+                .opt_f32("llama.attention.layer_norm_rms_epsilon")
+                .unwrap_or(1e-5) as f64,
             vocab,
             context_length: gguf.opt_u32("llama.context_length").unwrap_or(2048) as usize,
         })
@@ -197,7 +212,14 @@ impl LlamaModel {
         max_seq_len: usize,
     ) -> Result<Self> {
         let cfg = LlamaConfig::from_gguf(gguf)?;
-        Self::load_layers(gguf, cfg.clone(), 0..cfg.n_layer, format, device, max_seq_len)
+        Self::load_layers(
+            gguf,
+            cfg.clone(),
+            0..cfg.n_layer,
+            format,
+            device,
+            max_seq_len,
+        )
     }
 
     fn load_layers(
@@ -231,7 +253,9 @@ impl LlamaModel {
             .clone()
             .map(|i| Block::load(gguf, i, format, device))
             .collect::<Result<Vec<_>>>()?;
-        let norm = gguf.tensor("output_norm.weight", device)?.dequantize(device)?;
+        let norm = gguf
+            .tensor("output_norm.weight", device)?
+            .dequantize(device)?;
 
         let half = cfg.head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
@@ -261,7 +285,10 @@ impl LlamaModel {
     }
 
     pub fn new_cache(&self) -> SeqCache {
-        SeqCache { layers: (0..self.blocks.len()).map(|_| None).collect(), len: 0 }
+        SeqCache {
+            layers: (0..self.blocks.len()).map(|_| None).collect(),
+            len: 0,
+        }
     }
 
     /// Run one batched step; returns the next-token logits (f32, `vocab` long) for the last
@@ -318,7 +345,10 @@ impl LlamaModel {
         let h = candle_nn::ops::rms_norm(x, &b.attn_norm, c.rms_eps as f32)?;
         // [n, heads*d] -> [1, heads, n, d] so that every row gets the rotation of its position.
         let heads = |t: Tensor, nh: usize| -> Result<Tensor> {
-            Ok(t.reshape((n, nh, c.head_dim))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
+            Ok(t.reshape((n, nh, c.head_dim))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .unsqueeze(0)?)
         };
         let q = heads(b.wq.forward(&h)?, c.n_head)?;
         let k = heads(b.wk.forward(&h)?, c.n_kv_head)?;
@@ -341,7 +371,10 @@ impl LlamaModel {
             let total = past + t;
             // Grouped-query attention without copying K/V per query head: the query heads
             // that share a KV head are stacked as extra rows of that head's matrix.
-            let qi = q.narrow(1, row, t)?.contiguous()?.reshape((c.n_kv_head, group * t, c.head_dim))?;
+            let qi =
+                q.narrow(1, row, t)?
+                    .contiguous()?
+                    .reshape((c.n_kv_head, group * t, c.head_dim))?;
             let att = (qi.matmul(&kc.t()?)? * scale)?;
             let att = if t > 1 {
                 let mask: Vec<f32> = (0..t)
@@ -357,11 +390,16 @@ impl LlamaModel {
                 att
             };
             let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let o = att.matmul(&vc.contiguous()?)?.reshape((c.n_head, t, c.head_dim))?;
+            let o = att
+                .matmul(&vc.contiguous()?)?
+                .reshape((c.n_head, t, c.head_dim))?;
             outs.push(o);
             row += t;
         }
-        let o = Tensor::cat(&outs, 1)?.transpose(0, 1)?.contiguous()?.reshape((n, c.hidden))?;
+        let o = Tensor::cat(&outs, 1)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((n, c.hidden))?;
         let x = (x + b.wo.forward(&o)?)?;
         let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, c.rms_eps as f32)?;
         let gate = candle_nn::ops::silu(&b.w_gate.forward(&h)?)?;

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Every test: formatting, lints, unit and integration tests (real model), the OpenAI-client
+# and transport tests against a real server. Run as root on Debian 12.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+./scripts/fetch-model.sh >/dev/null
+cargo fmt --all --check
+cargo clippy --release --workspace --all-targets -- -D warnings
+cargo build --release --workspace
+cargo test --release --workspace
+.venv/bin/python -m pytest -q tests/python
+echo "all tests passed"
