@@ -23,6 +23,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
     /// Where the file was read from; relative paths resolve against its directory.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -178,6 +180,40 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SandboxEnforcement {
+    /// Refuse to serve unless Landlock and seccomp are fully enforced.
+    #[default]
+    Required,
+    /// Serve with whatever the kernel enforces, with a loud warning.
+    BestEffort,
+}
+
+/// Self-confinement (docs/landlock.md, docs/seccomp.md).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    pub enforcement: SandboxEnforcement,
+    /// User to switch to when started as root (name or id).
+    pub user: String,
+    /// Group to switch to when started as root (name or id).
+    pub group: String,
+    /// Debugging escape hatch: log forbidden system calls instead of killing the process.
+    pub seccomp_log_only: bool,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            enforcement: SandboxEnforcement::Required,
+            user: "nobody".into(),
+            group: "nogroup".into(),
+            seccomp_log_only: false,
+        }
+    }
+}
+
 /// Hard ceilings the configuration itself cannot raise (they protect the process).
 const MAX_BODY_BYTES_CEILING: usize = 64 << 20;
 const MAX_HEADER_BYTES_CEILING: usize = 1 << 20;
@@ -278,6 +314,10 @@ impl Config {
         ensure!(
             l.max_messages >= 1,
             "limits.max_messages must be at least 1"
+        );
+        ensure!(
+            self.sandbox.user != "root" && self.sandbox.user != "0",
+            "sandbox.user must be an unprivileged user, not root"
         );
         let e = &self.engine;
         ensure!(

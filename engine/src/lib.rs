@@ -5,6 +5,7 @@ pub mod api;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod confine;
 pub mod infer;
 pub mod keys;
 pub mod metrics;

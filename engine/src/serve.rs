@@ -1,10 +1,13 @@
 //! `bulwark serve`: the start-up order, the listeners and the connection loop.
 //!
 //! Start-up order (each step fails closed):
-//! 1. read configuration, keys, TLS material and the model (hash pin first);
+//! 1. read configuration, keys, TLS material and the model (hash pin first); every file is
+//!    closed again once read;
 //! 2. bind the API and metrics listeners;
-//! 3. start the inference thread and the network runtime;
-//! 4. accept connections.
+//! 3. build every filter and ruleset, then confine the process while it is single-threaded
+//!    (Landlock, seccomp, no_new_privs, capabilities, user);
+//! 4. start the inference thread and the network runtime (they inherit the confinement);
+//! 5. accept connections.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -41,8 +44,7 @@ const OVERLIMIT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn run(config_path: &Path) -> Result<()> {
     let cfg = Config::load(config_path)?;
-    let keys_path = cfg.resolve(&cfg.server.keys_file);
-    let keys = KeyStore::load(&keys_path)?;
+    let keys = KeyStore::load(&cfg.resolve(&cfg.server.keys_file))?;
     let tls = match (
         &cfg.server.tls_cert,
         &cfg.server.tls_key,
@@ -60,7 +62,9 @@ pub fn run(config_path: &Path) -> Result<()> {
         )?)),
         _ => anyhow::bail!("server.tls_cert and server.tls_key are required"),
     };
-    // Listeners are bound before anything else starts, so that a port clash fails fast.
+    let loaded = load_model(&cfg)?;
+
+    // INVARIANT: listeners are bound before confinement; afterwards no new port can be bound.
     let api_listener = std::net::TcpListener::bind(cfg.server.listen)
         .with_context(|| format!("binding server.listen {}", cfg.server.listen))?;
     api_listener.set_nonblocking(true)?;
@@ -74,7 +78,15 @@ pub fn run(config_path: &Path) -> Result<()> {
         None => None,
     };
 
-    let (state, infer_thread) = build_state(&cfg, keys)?;
+    // INVARIANT: confined while single-threaded, before the inference thread, the compute pool
+    // and the network runtime exist, so that every one of them inherits the confinement.
+    let (status, compute_filter) = crate::confine::confine(&cfg)?;
+
+    let (state, infer_thread) = start(&cfg, keys, loaded, Some(compute_filter))?;
+    state
+        .metrics
+        .sandbox_enforced
+        .store(u64::from(status.fully_enforced()), Ordering::Relaxed);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.engine.io_threads)
@@ -84,16 +96,18 @@ pub fn run(config_path: &Path) -> Result<()> {
         .context("starting the network runtime")?;
     let result = runtime.block_on(serve(cfg, state, api_listener, metrics_listener, tls));
     runtime.shutdown_timeout(Duration::from_secs(1));
-    // Every scheduler handle lives in the state, now dropped: the inference thread ends.
+    // Every scheduler handle lived in the state, now dropped: the inference thread ends.
     let _ = infer_thread.join();
     result
 }
 
-/// Load the model and start the inference thread: everything the router needs.
-pub fn build_state(
-    cfg: &Config,
-    keys: KeyStore,
-) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>)> {
+/// The model, loaded and verified, not yet running.
+pub struct Loaded {
+    info: crate::model::ModelInfo,
+    model: crate::infer::models::llama::LlamaModel,
+}
+
+pub fn load_model(cfg: &Config) -> Result<Loaded> {
     let device = candle_core::Device::Cpu;
     let loaded = Instant::now();
     let (info, model) = crate::model::load(
@@ -114,6 +128,27 @@ pub fn build_state(
         "model loaded"
     );
 
+    Ok(Loaded { info, model })
+}
+
+/// Load the model and start the inference thread (unconfined: for tests).
+pub fn build_state(
+    cfg: &Config,
+    keys: KeyStore,
+) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>)> {
+    let loaded = load_model(cfg)?;
+    start(cfg, keys, loaded, None)
+}
+
+/// Start the inference thread (it stacks `compute_filter` on itself first) and build the
+/// router's state.
+pub fn start(
+    cfg: &Config,
+    keys: KeyStore,
+    loaded: Loaded,
+    compute_filter: Option<sandbox::ComputeFilter>,
+) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>)> {
+    let Loaded { info, model } = loaded;
     let metrics = Arc::new(Metrics::default());
     let info = Arc::new(info);
     let (handle, infer_thread) = scheduler::spawn(
@@ -125,6 +160,7 @@ pub fn build_state(
             queue_depth: cfg.limits.queue_depth,
         },
         metrics.clone(),
+        compute_filter,
     )?;
     let state = Arc::new(AppState {
         keys,

@@ -112,21 +112,21 @@ pub fn spawn(
     info: Arc<ModelInfo>,
     cfg: SchedulerConfig,
     metrics: Arc<Metrics>,
+    compute_filter: Option<sandbox::ComputeFilter>,
 ) -> std::io::Result<(SchedulerHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel(cfg.queue_depth);
     let m = metrics.clone();
-    let join = std::thread::Builder::new()
-        .name("bulwark-infer".into())
-        .spawn(move || {
-            Scheduler {
-                model,
-                info,
-                cfg,
-                metrics: m,
-                active: Vec::new(),
-            }
-            .run(rx)
-        })?;
+    let join = std::thread::Builder::new().name("bulwark-infer".into()).spawn(move || {
+        // INVARIANT: the compute allowlist (no network calls) is stacked before this thread
+        // touches a request or starts the compute pool, which inherits it.
+        if let Some(f) = compute_filter
+            && let Err(e) = f.apply_to_current_thread()
+        {
+            tracing::error!(error = %e, "could not confine the inference thread; it will not serve");
+            return;
+        }
+        Scheduler { model, info, cfg, metrics: m, active: Vec::new() }.run(rx)
+    })?;
     Ok((SchedulerHandle { tx, metrics }, join))
 }
 

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Load client for OpenAI-compatible servers: N concurrent streaming chat clients.
+
+Measures aggregate generated tokens/s, p50/p95 request latency and p50/p95 time to first token.
+Tokens are counted from `usage` (stream_options.include_usage) when the server sends it, else
+one per content chunk. Loopback only; no redirects; bounded by --requests and --timeout.
+"""
+import argparse
+import asyncio
+import json
+import statistics
+import time
+
+import httpx
+
+PROMPTS = [
+    "Write a short story about a robot learning to paint.",
+    "Explain how a rainbow forms.",
+    "List five tips for staying productive while working from home.",
+    "Describe the water cycle to a ten-year-old.",
+]
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] if xs else float("nan")
+
+
+async def one(client, args, i, results):
+    body = {"model": args.model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft, chunks, usage = None, 0, None
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[6:])
+            if ev.get("usage"):
+                usage = ev["usage"]["completion_tokens"]
+            for ch in ev.get("choices") or []:
+                if (ch.get("delta") or {}).get("content"):
+                    chunks += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - start
+    results.append({"latency": time.perf_counter() - start, "ttft": ttft or float("nan"),
+                    "tokens": usage if usage is not None else chunks})
+
+
+async def run(args):
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    verify = args.cacert or False
+    async with httpx.AsyncClient(base_url=args.base_url, headers=headers, verify=verify, timeout=args.timeout,
+                                 follow_redirects=False, trust_env=False,
+                                 limits=httpx.Limits(max_connections=args.concurrency + 2)) as client:
+        await one(client, args, 0, [])  # warm-up
+        results, queue = [], list(range(args.requests))
+        start = time.perf_counter()
+
+        async def worker():
+            while queue:
+                await one(client, args, queue.pop(), results)
+
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        wall = time.perf_counter() - start
+    toks = sum(r["tokens"] for r in results)
+    lat = [r["latency"] for r in results]
+    ttft = [r["ttft"] for r in results]
+    return {"concurrency": args.concurrency, "requests": len(results), "tokens": toks, "wall_s": wall,
+            "tok_per_s": toks / wall, "p50_latency_s": pct(lat, 50), "p95_latency_s": pct(lat, 95),
+            "p50_ttft_s": pct(ttft, 50), "p95_ttft_s": pct(ttft, 95)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base-url", required=True)
+    ap.add_argument("--api-key")
+    ap.add_argument("--cacert")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--timeout", type=float, default=300)
+    args = ap.parse_args()
+    host = httpx.URL(args.base_url).host
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise SystemExit("loopback only")
+    assert 1 <= args.concurrency <= 256 and 1 <= args.requests <= 10000
+    print(json.dumps(asyncio.run(run(args))))
+
+
+if __name__ == "__main__":
+    main()

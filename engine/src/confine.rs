@@ -1,0 +1,80 @@
+//! The server's confinement policy, built from its configuration and applied through the
+//! `sandbox` crate. What is allowed, and why: docs/landlock.md and docs/seccomp.md.
+
+use anyhow::{Context, Result};
+
+use crate::config::{Config, SandboxEnforcement};
+
+/// The policy for a single-node CPU server: no file at all (everything it needs was read
+/// before), no new port, no outgoing connection.
+pub fn policy(cfg: &Config) -> Result<sandbox::Policy> {
+    let user = if is_root() {
+        let (uid, gid) = sandbox::resolve_user(&cfg.sandbox.user, &cfg.sandbox.group)
+            .with_context(|| {
+                format!(
+                    "resolving sandbox.user {:?} / sandbox.group {:?}",
+                    cfg.sandbox.user, cfg.sandbox.group
+                )
+            })?;
+        anyhow::ensure!(
+            uid != 0,
+            "sandbox.user resolves to uid 0; choose an unprivileged user"
+        );
+        Some(sandbox::UserSwitch { uid, gid })
+    } else {
+        None
+    };
+    Ok(sandbox::Policy {
+        fs: Vec::new(),
+        bind_tcp: Vec::new(),
+        connect_tcp: Vec::new(),
+        user,
+        enforcement: match cfg.sandbox.enforcement {
+            SandboxEnforcement::Required => sandbox::Enforcement::Required,
+            SandboxEnforcement::BestEffort => sandbox::Enforcement::BestEffort,
+        },
+        seccomp_log_only: cfg.sandbox.seccomp_log_only,
+        gpu: false,
+    })
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Confine this process; logs and returns the status. Fails closed unless best effort was
+/// asked for.
+pub fn confine(cfg: &Config) -> Result<(sandbox::Status, sandbox::ComputeFilter)> {
+    let policy = policy(cfg)?;
+    let prepared = sandbox::prepare(&policy).context("preparing the sandbox")?;
+    let (status, compute) = prepared.apply().context("confining the process")?;
+    if status.fully_enforced() {
+        tracing::info!(
+            landlock = status.landlock,
+            landlock_abi = status.landlock_abi,
+            seccomp = status.seccomp,
+            no_new_privs = status.no_new_privs,
+            capabilities_dropped = status.capabilities_dropped,
+            uid = status.uid,
+            "sandbox fully enforced"
+        );
+    } else {
+        tracing::warn!(
+            landlock = status.landlock,
+            landlock_abi = status.landlock_abi,
+            seccomp = status.seccomp,
+            no_new_privs = status.no_new_privs,
+            capabilities_dropped = status.capabilities_dropped,
+            uid = status.uid,
+            "SANDBOX NOT FULLY ENFORCED: a compromised server process is less contained (sandbox.enforcement = best-effort or sandbox.seccomp_log_only)"
+        );
+    }
+    Ok((status, compute))
+}
