@@ -55,25 +55,22 @@ pub fn confine(cfg: &Config) -> Result<(sandbox::Status, sandbox::ComputeFilter)
     let policy = policy(cfg)?;
     let prepared = sandbox::prepare(&policy).context("preparing the sandbox")?;
     let (status, compute) = prepared.apply().context("confining the process")?;
+    tracing::info!(
+        landlock = status.landlock,
+        landlock_abi = status.landlock_abi,
+        seccomp = status.seccomp,
+        no_new_privs = status.no_new_privs,
+        capabilities_dropped = status.capabilities_dropped,
+        uid = status.uid,
+        fully_enforced = status.fully_enforced(),
+        "sandbox applied"
+    );
     if status.fully_enforced() {
-        tracing::info!(
-            landlock = status.landlock,
-            landlock_abi = status.landlock_abi,
-            seccomp = status.seccomp,
-            no_new_privs = status.no_new_privs,
-            capabilities_dropped = status.capabilities_dropped,
-            uid = status.uid,
-            "sandbox fully enforced"
-        );
+        tracing::info!("sandbox fully enforced");
     } else {
         tracing::warn!(
-            landlock = status.landlock,
-            landlock_abi = status.landlock_abi,
-            seccomp = status.seccomp,
-            no_new_privs = status.no_new_privs,
-            capabilities_dropped = status.capabilities_dropped,
-            uid = status.uid,
-            "SANDBOX NOT FULLY ENFORCED: a compromised server process is less contained (sandbox.enforcement = best-effort or sandbox.seccomp_log_only)"
+            "SANDBOX NOT FULLY ENFORCED: a compromised server process is less contained \
+             (sandbox.enforcement = best-effort or sandbox.seccomp_log_only)"
         );
     }
     Ok((status, compute))
