@@ -48,6 +48,11 @@ pub enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// The host firewall (nftables) implied by the configuration.
+    Firewall {
+        #[command(subcommand)]
+        command: FirewallCommand,
+    },
     /// API key management.
     Keys {
         #[command(subcommand)]
@@ -58,6 +63,33 @@ pub enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+}
+
+#[derive(Subcommand)]
+pub enum FirewallCommand {
+    /// Render the table (nft script by default).
+    Print {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value = "nft")]
+        format: FirewallFormat,
+    },
+    /// Load the table into the current network namespace, replacing it atomically.
+    Apply {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Compare the live table with the rendered one; exit 1 on drift, saying what differs.
+    Verify {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum FirewallFormat {
+    Nft,
+    Json,
 }
 
 #[derive(Subcommand)]

@@ -6,6 +6,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod confine;
+pub mod firewall_cmd;
 pub mod infer;
 pub mod keys;
 pub mod metrics;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use bulwark::cli::{Cli, Command, KeysCommand, ModelCommand};
+use bulwark::cli::{Cli, Command, FirewallCommand, FirewallFormat, KeysCommand, ModelCommand};
 use bulwark::config::{Config, LogFormat};
 
 fn main() -> ExitCode {
@@ -50,6 +50,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             println!("{}: ok", config.display());
         }
+        Command::Firewall { command } => match command {
+            FirewallCommand::Print { config, format } => bulwark::firewall_cmd::print(
+                &Config::load(&config)?,
+                matches!(format, FirewallFormat::Json),
+            )?,
+            FirewallCommand::Apply { config } => {
+                bulwark::firewall_cmd::apply(&Config::load(&config)?)?
+            }
+            FirewallCommand::Verify { config } => {
+                if !bulwark::firewall_cmd::verify(&Config::load(&config)?)? {
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        },
         Command::Init {
             dir,
             model,
