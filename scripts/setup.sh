@@ -9,7 +9,8 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
 command -v gcc >/dev/null || need+=(build-essential)
 command -v python3 >/dev/null || need+=(python3)
-python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
+python3 -c "import ensurepip" 2>/dev/null || need+=(python3-venv)
+command -v setpriv >/dev/null || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

@@ -10,4 +10,5 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 cargo build --release --workspace
 cargo test --release --workspace
 .venv/bin/python -m pytest -q tests/python
+for t in vm-tests/topologies/*.toml; do python3 vm-tests/lab.py "$t"; done
 echo "all tests passed"
