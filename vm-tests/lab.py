@@ -135,7 +135,7 @@ class Lab:
         self.record(f"{name}: firewall verify after apply", v.returncode == 0, v.stdout + v.stderr)
         log = open(self.tmp / f"{name}.log", "w")
         self.spawn(ns, [self.bin, "serve", "--config", cfg], log=log)
-        self.wait_port(ns, "127.0.0.1" if False else node["address"], node["api_port"])
+        self.wait_port(ns, node["address"], node["api_port"])
         node["_config"] = cfg
         node["_ca"] = d / "cert.pem"
 
@@ -183,6 +183,20 @@ class Lab:
         else:
             self.record(what, False, f"unknown result {r}")
 
+    def audit_engines(self):
+        """`bulwark audit` against every engine, from the first client node: every check passes."""
+        clients = [n for n, node in self.nodes.items() if node["role"] == "client"]
+        if not clients:
+            return
+        for name, node in self.nodes.items():
+            if node["role"] != "engine":
+                continue
+            keyfile = self.tmp / f"{name}.key"
+            keyfile.write_text(self.keys[name] + "\n")
+            r = sh(self.bin, "audit", f"https://{node['address']}:{node['api_port']}", "--ca", node["_ca"],
+                   "--api-key-file", keyfile, ns=self.ns(clients[0]), check=False)
+            self.record(f"{clients[0]} -> {name}: bulwark audit passes every check", r.returncode == 0, r.stdout + r.stderr)
+
     def down(self):
         for p in self.procs:
             if p.poll() is None:
@@ -215,6 +229,7 @@ def main():
         lab.up()
         for e in topo.get("expect", []):
             lab.check(e)
+        lab.audit_engines()
         for name, node in lab.nodes.items():
             if node["role"] == "engine":
                 for p in lab.procs:

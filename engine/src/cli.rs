@@ -53,6 +53,28 @@ pub enum Command {
         #[command(subcommand)]
         command: FirewallCommand,
     },
+    /// Probe any OpenAI-compatible server's HTTP posture; exit 0 clean, 1 findings, 2 unreachable.
+    Audit {
+        /// Base URL, e.g. https://host:8443
+        url: String,
+        /// File holding an API key (first line), for the authenticated pass.
+        #[arg(long)]
+        api_key_file: Option<PathBuf>,
+        /// CA bundle (PEM) to verify the server with; default: the system's.
+        #[arg(long, conflicts_with = "insecure")]
+        ca: Option<PathBuf>,
+        /// Do not verify the server's certificate.
+        #[arg(long)]
+        insecure: bool,
+        /// Seconds per probe.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+        #[arg(long, value_enum, default_value = "text")]
+        format: AuditFormat,
+        /// Send real empty POSTs to state-changing routes (/pause, /sleep, ...) instead of GETs.
+        #[arg(long)]
+        intrusive: bool,
+    },
     /// API key management.
     Keys {
         #[command(subcommand)]
@@ -84,6 +106,12 @@ pub enum FirewallCommand {
         #[arg(long)]
         config: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum AuditFormat {
+    Text,
+    Json,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]

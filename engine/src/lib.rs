@@ -2,6 +2,7 @@
 //! exposes the parts so that integration tests can drive them without a socket.
 
 pub mod api;
+pub mod audit;
 pub mod certs;
 pub mod cli;
 pub mod config;

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use bulwark::cli::{Cli, Command, FirewallCommand, FirewallFormat, KeysCommand, ModelCommand};
+use bulwark::cli::{
+    AuditFormat, Cli, Command, FirewallCommand, FirewallFormat, KeysCommand, ModelCommand,
+};
 use bulwark::config::{Config, LogFormat};
 
 fn main() -> ExitCode {
@@ -49,6 +51,49 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 check_files_of(&cfg)?;
             }
             println!("{}: ok", config.display());
+        }
+        Command::Audit {
+            url,
+            api_key_file,
+            ca,
+            insecure,
+            timeout,
+            format,
+            intrusive,
+        } => {
+            let api_key = match api_key_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(&f)
+                        .with_context(|| format!("reading {}", f.display()))?
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned(),
+                ),
+                None => None,
+            };
+            let opts = bulwark::audit::Options {
+                url,
+                api_key,
+                ca,
+                insecure,
+                timeout: std::time::Duration::from_secs(timeout.max(1)),
+                intrusive,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let Some(report) = rt.block_on(bulwark::audit::run(&opts))? else {
+                return Ok(ExitCode::from(2));
+            };
+            match format {
+                AuditFormat::Text => print!("{}", bulwark::audit::render_text(&report)),
+                AuditFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            if report.checks.iter().any(|c| !c.passed) {
+                return Ok(ExitCode::from(1));
+            }
         }
         Command::Firewall { command } => match command {
             FirewallCommand::Print { config, format } => bulwark::firewall_cmd::print(

@@ -1,0 +1,766 @@
+//! `bulwark audit URL`: the HTTP posture of any OpenAI-compatible server, probed the way a
+//! posture scanner does (every route anonymously and, with a key, authenticated; the same
+//! verdict rules), plus stricter checks: a reflected CORS origin, plaintext answered on the TLS
+//! port, auth edge cases, and any 5xx or timeout.
+//!
+//! Safe to point at production: redirects are never followed; state-changing routes are probed
+//! with GET unless `--intrusive`; at most [`CONCURRENCY`] probes at a time, each bounded by the
+//! timeout; the key is never printed.
+
+pub mod routes;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+use routes::{Category, ROUTES, Route};
+
+/// Probes in flight at once: enough to finish in seconds, few enough to be gentle.
+pub const CONCURRENCY: usize = 8;
+/// Body bytes read per answer (the status and headers are what count).
+const MAX_BODY_READ: usize = 64 << 10;
+/// The origin used in CORS probes; a reserved name that no deployment allows.
+const PROBE_ORIGIN: &str = "https://audit.bulwark.invalid";
+/// Where Debian keeps the system's CA bundle.
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+pub struct Options {
+    pub url: String,
+    pub api_key: Option<String>,
+    pub ca: Option<std::path::PathBuf>,
+    pub insecure: bool,
+    pub timeout: Duration,
+    pub intrusive: bool,
+}
+
+struct Target {
+    https: bool,
+    host: String,
+    port: u16,
+    base: String,
+    tls: Option<tokio_rustls::TlsConnector>,
+    server_name: Option<ServerName<'static>>,
+    timeout: Duration,
+}
+
+/// What one request got back: a status, or the transport error.
+#[derive(Debug, Clone, Serialize)]
+pub struct Answer {
+    pub status: Option<u16>,
+    #[serde(skip)]
+    pub headers: Vec<(String, String)>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    fn show(&self) -> String {
+        match (self.status, &self.error) {
+            (Some(s), _) => s.to_string(),
+            (None, Some(e)) => format!("error ({e})"),
+            (None, None) => "no answer".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Probe {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub category: Category,
+    pub anonymous: Answer,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authenticated: Option<Answer>,
+}
+
+/// The scanner's verdicts (posture-scanner.md §2.2).
+fn anonymously_accessible(a: &Answer) -> Option<bool> {
+    match a.status {
+        Some(401 | 403 | 404 | 501) => Some(false),
+        None => None,
+        Some(s) if s >= 500 => None,
+        Some(_) => Some(true),
+    }
+}
+
+fn requires_auth(a: &Answer) -> Option<bool> {
+    match a.status {
+        Some(401 | 403) => Some(true),
+        None | Some(404) => None,
+        Some(s) if s >= 500 => None,
+        Some(_) => Some(false),
+    }
+}
+
+fn present(p: &Probe) -> bool {
+    let best = match p.authenticated.as_ref().and_then(|a| a.status) {
+        Some(k) if k != 401 && k != 403 => Some(k),
+        _ => p.anonymous.status,
+    };
+    best.is_some_and(|s| s != 404 && s != 501)
+}
+
+impl Target {
+    fn parse(o: &Options) -> Result<Self> {
+        let (https, rest) = if let Some(r) = o.url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = o.url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            bail!("the URL must start with https:// or http://");
+        };
+        let rest = rest.split(['?', '#']).next().unwrap_or_default();
+        let (authority, base) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/').to_owned()),
+            None => (rest, String::new()),
+        };
+        if authority.contains('@') {
+            bail!("credentials in the URL are not accepted; use --api-key-file");
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => (
+                h.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                p.parse().context("invalid port in the URL")?,
+            ),
+            _ => (
+                authority
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned(),
+                if https { 443 } else { 80 },
+            ),
+        };
+        let (tls, server_name) = if https {
+            let provider = crate::api::tls::provider();
+            let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()?;
+            let cfg = if o.insecure {
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+                    .with_no_client_auth()
+            } else {
+                let mut roots = rustls::RootCertStore::empty();
+                let bundle = o.ca.clone().unwrap_or_else(|| SYSTEM_CA_BUNDLE.into());
+                for c in crate::api::tls::load_certs(&bundle)? {
+                    let _ = roots.add(c);
+                }
+                builder.with_root_certificates(roots).with_no_client_auth()
+            };
+            let mut cfg = cfg;
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            (
+                Some(tokio_rustls::TlsConnector::from(Arc::new(cfg))),
+                Some(ServerName::try_from(host.clone()).context("invalid host name in the URL")?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            https,
+            host,
+            port,
+            base,
+            tls,
+            server_name,
+            timeout: o.timeout,
+        })
+    }
+
+    async fn connect(&self) -> Result<Box<dyn Io>> {
+        let tcp = tokio::time::timeout(
+            self.timeout,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .context("connect timed out")?
+        .context("connect failed")?;
+        match (&self.tls, &self.server_name) {
+            (Some(c), Some(n)) => Ok(Box::new(
+                tokio::time::timeout(self.timeout, c.connect(n.clone(), tcp))
+                    .await
+                    .context("TLS handshake timed out")??,
+            )),
+            _ => Ok(Box::new(tcp)),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Option<&'static str>,
+    ) -> Answer {
+        match tokio::time::timeout(self.timeout, self.send_inner(method, path, headers, body)).await
+        {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => Answer {
+                status: None,
+                headers: vec![],
+                error: Some(format!("{e:#}")),
+            },
+            Err(_) => Answer {
+                status: None,
+                headers: vec![],
+                error: Some("timed out".into()),
+            },
+        }
+    }
+
+    async fn send_inner(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Option<&'static str>,
+    ) -> Result<Answer> {
+        let io = self.connect().await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+        tokio::spawn(conn);
+        let host = if self.port == 443 || self.port == 80 {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
+        let mut b = Request::builder()
+            .method(method)
+            .uri(format!("{}{}", self.base, path))
+            .header("host", host)
+            .header("accept", "application/json, text/plain, */*")
+            .header("user-agent", "bulwark-audit");
+        if body.is_some() {
+            b = b.header("content-type", "application/json");
+        }
+        for (k, v) in headers {
+            b = b.header(*k, v.as_str());
+        }
+        let resp = sender
+            .send_request(b.body(Full::new(Bytes::from_static(body.unwrap_or("").as_bytes())))?)
+            .await?;
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        // Read (and drop) a bounded part of the body.
+        let mut body = resp.into_body();
+        let mut read = 0;
+        while read < MAX_BODY_READ {
+            match body.frame().await {
+                Some(Ok(f)) => read += f.data_ref().map_or(0, |d| d.len()),
+                _ => break,
+            }
+        }
+        Ok(Answer {
+            status: Some(status),
+            headers,
+            error: None,
+        })
+    }
+
+    /// Does the TLS port also answer plain HTTP?
+    async fn plaintext_answered(&self) -> bool {
+        let fut = async {
+            let mut tcp = TcpStream::connect((self.host.as_str(), self.port))
+                .await
+                .ok()?;
+            tcp.write_all(
+                format!(
+                    "GET / HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                    self.host
+                )
+                .as_bytes(),
+            )
+            .await
+            .ok()?;
+            let mut buf = [0u8; 5];
+            tcp.read_exact(&mut buf).await.ok()?;
+            Some(&buf == b"HTTP/")
+        };
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(false)
+    }
+}
+
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// One check's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub id: &'static str,
+    pub title: &'static str,
+    pub severity: &'static str,
+    pub impact: u32,
+    pub passed: bool,
+    pub evidence: Vec<String>,
+    pub remediation: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub target: String,
+    pub authenticated: bool,
+    pub score: u32,
+    pub checks: Vec<Check>,
+    pub probes: Vec<Probe>,
+}
+
+fn severity(impact: u32) -> &'static str {
+    match impact {
+        90.. => "critical",
+        70..=89 => "high",
+        50..=69 => "medium",
+        _ => "low",
+    }
+}
+
+fn check(
+    id: &'static str,
+    title: &'static str,
+    impact: u32,
+    remediation: &'static str,
+    evidence: Vec<String>,
+) -> Check {
+    Check {
+        id,
+        title,
+        severity: severity(impact),
+        impact,
+        passed: evidence.is_empty(),
+        evidence,
+        remediation,
+    }
+}
+
+/// Probes of `cats` that answer anonymously.
+fn exposed(probes: &[Probe], cats: &[Category], paths: Option<&[&str]>) -> Vec<String> {
+    probes
+        .iter()
+        .filter(|p| cats.contains(&p.category) && paths.is_none_or(|ps| ps.contains(&p.path)))
+        .filter(|p| anonymously_accessible(&p.anonymous) == Some(true))
+        .map(|p| {
+            format!(
+                "{} {} answered {} without credentials",
+                p.method,
+                p.path,
+                p.anonymous.show()
+            )
+        })
+        .collect()
+}
+
+pub async fn run(o: &Options) -> Result<Option<Report>> {
+    let t = Arc::new(Target::parse(o)?);
+    // Reachability first: exit status 2 when the target cannot be reached at all.
+    if let Err(e) = t.connect().await {
+        eprintln!("cannot reach {}: {e:#}", o.url);
+        return Ok(None);
+    }
+    let key = o.api_key.clone();
+    let sem = Arc::new(Semaphore::new(CONCURRENCY));
+    let mut tasks = Vec::new();
+    for r in ROUTES {
+        let (t, sem, key, intrusive) = (t.clone(), sem.clone(), key.clone(), o.intrusive);
+        tasks.push(tokio::spawn(async move {
+            let _p = sem.acquire_owned().await;
+            let r: &Route = r;
+            let (method, body) = if r.method == "POST" && (!r.state_changing || intrusive) {
+                ("POST", Some("{}"))
+            } else {
+                ("GET", None)
+            };
+            let anonymous = t.send(method, r.path, &[], body).await;
+            let authenticated = match &key {
+                Some(k) => Some(
+                    t.send(
+                        method,
+                        r.path,
+                        &[("authorization", format!("Bearer {k}"))],
+                        body,
+                    )
+                    .await,
+                ),
+                None => None,
+            };
+            Probe {
+                method,
+                path: r.path,
+                category: r.category,
+                anonymous,
+                authenticated,
+            }
+        }));
+    }
+    let mut probes = Vec::new();
+    for task in tasks {
+        probes.push(task.await?);
+    }
+
+    let mut checks = Vec::new();
+
+    // Transport.
+    let mut tls_evidence = Vec::new();
+    if !t.https {
+        tls_evidence.push(format!("{} is plain HTTP", o.url));
+    } else if t.plaintext_answered().await {
+        tls_evidence.push(format!(
+            "plain HTTP on {}:{} got an HTTP answer",
+            t.host, t.port
+        ));
+    }
+    checks.push(check("use-tls", "TLS is used, and the TLS port does not answer plaintext", 80,
+        "Serve HTTPS natively (Bulwark: server.tls_cert/tls_key, the default) and never plain HTTP on the same port.", tls_evidence));
+
+    // CORS: preflight and simple requests on several paths; a wildcard or a reflected origin fails.
+    let mut cors = Vec::new();
+    for path in ["/", "/v1/completions", "/v1/chat/completions", "/v1/models"] {
+        let pre = [
+            ("origin", PROBE_ORIGIN.to_owned()),
+            ("access-control-request-method", "POST".to_owned()),
+            (
+                "access-control-request-headers",
+                "authorization,content-type".to_owned(),
+            ),
+        ];
+        let mut answers = vec![("OPTIONS", t.send("OPTIONS", path, &pre, None).await)];
+        answers.push((
+            "GET",
+            t.send("GET", path, &[("origin", PROBE_ORIGIN.to_owned())], None)
+                .await,
+        ));
+        if let Some(k) = &key {
+            answers.push((
+                "GET (key)",
+                t.send(
+                    "GET",
+                    path,
+                    &[
+                        ("origin", PROBE_ORIGIN.to_owned()),
+                        ("authorization", format!("Bearer {k}")),
+                    ],
+                    None,
+                )
+                .await,
+            ));
+        }
+        for (what, a) in answers {
+            match a.header("access-control-allow-origin") {
+                Some("*") => cors.push(format!("{what} {path}: Access-Control-Allow-Origin: *")),
+                Some(o) if o == PROBE_ORIGIN => {
+                    cors.push(format!("{what} {path}: reflects an arbitrary Origin"))
+                }
+                _ => {}
+            }
+        }
+    }
+    checks.push(check(
+        "cors-not-wide-open",
+        "CORS allows no wildcard or reflected origin",
+        70,
+        "Allow only exact, configured origins (Bulwark: server.cors_origins, empty by default).",
+        cors,
+    ));
+
+    // OpenAI routes that exist must require authentication.
+    let openai: Vec<String> = probes
+        .iter()
+        .filter(|p| {
+            p.category == Category::Openai
+                && present(p)
+                && requires_auth(&p.anonymous) != Some(true)
+        })
+        .map(|p| {
+            format!(
+                "{} {} answered {} without credentials",
+                p.method,
+                p.path,
+                p.anonymous.show()
+            )
+        })
+        .collect();
+    checks.push(check(
+        "openai-routes-require-authentication",
+        "OpenAI routes require authentication",
+        100,
+        "Require an API key on every route (Bulwark authenticates before routing).",
+        openai,
+    ));
+    checks.push(check(
+        "custom-inference-routes-not-anonymous",
+        "Custom inference routes (/invocations, ...) are not anonymous",
+        100,
+        "Deny or authenticate /invocations, /pooling, /classify, /score, /rerank and the like.",
+        exposed(&probes, &[Category::CustomInference], None),
+    ));
+    checks.push(check(
+        "operational-control-routes-not-anonymous",
+        "Operational-control routes (/pause, ...) are not anonymous",
+        90,
+        "Remove or authenticate /pause, /resume, /scale_elastic_ep and the fault-tolerance routes.",
+        exposed(&probes, &[Category::OperationalControl], None),
+    ));
+    checks.push(check(
+        "tokenization-routes-not-anonymous",
+        "Tokenisation routes are not anonymous",
+        70,
+        "Authenticate or remove /tokenize and /detokenize.",
+        exposed(
+            &probes,
+            &[Category::Utility],
+            Some(&["/tokenize", "/detokenize"]),
+        ),
+    ));
+    checks.push(check(
+        "docs-not-exposed",
+        "API documentation pages are not exposed",
+        60,
+        "Disable /docs and /redoc, or put them behind authentication.",
+        exposed(
+            &probes,
+            &[Category::Documentation],
+            Some(&["/docs", "/redoc"]),
+        ),
+    ));
+    checks.push(check(
+        "openapi-not-exposed",
+        "The OpenAPI description is not exposed",
+        60,
+        "Serve the OpenAPI file from an internal docs system, not the API listener.",
+        exposed(
+            &probes,
+            &[Category::Documentation],
+            Some(&["/openapi.json"]),
+        ),
+    ));
+    checks.push(check(
+        "version-not-exposed",
+        "The server version is not exposed",
+        50,
+        "Remove /version or authenticate it; keep versions in your inventory.",
+        exposed(&probes, &[Category::Metadata], Some(&["/version"])),
+    ));
+    checks.push(check(
+        "tokenizer-info-not-exposed",
+        "Tokenizer information is not exposed",
+        50,
+        "Remove or authenticate /tokenizer_info.",
+        exposed(&probes, &[Category::Utility], Some(&["/tokenizer_info"])),
+    ));
+    checks.push(check("metrics-not-exposed", "Metrics are not exposed", 70,
+        "Serve metrics on a separate, loopback-only listener (Bulwark: metrics.listen) or authenticate them.", exposed(&probes, &[Category::Metrics], None)));
+    checks.push(check(
+        "load-not-exposed",
+        "The load endpoint is not exposed",
+        60,
+        "Remove or block /load.",
+        exposed(&probes, &[Category::Utility], Some(&["/load"])),
+    ));
+    checks.push(check(
+        "development-routes-not-exposed",
+        "Development routes (/sleep, /collective_rpc, ...) are not exposed",
+        90,
+        "Never run development mode in production; authenticate before routing.",
+        exposed(&probes, &[Category::Development], None),
+    ));
+    checks.push(check(
+        "profiler-routes-not-exposed",
+        "Profiler routes are not exposed",
+        90,
+        "Disable the profiler routes.",
+        exposed(&probes, &[Category::Profiler], None),
+    ));
+    checks.push(check(
+        "runtime-lora-not-exposed",
+        "LoRA loading routes are not exposed",
+        90,
+        "Disable runtime adapter loading; models load once, at start-up.",
+        exposed(&probes, &[Category::Lora], None),
+    ));
+
+    // Auth edge cases: path variants anonymously; the key from places other than the header.
+    let mut edge = Vec::new();
+    for v in [
+        "//v1/models",
+        "/v1/models/",
+        "/V1/models",
+        "/v1/./models",
+        "/v1/%6dodels",
+        "/v1/models%2F",
+    ] {
+        let a = t.send("GET", v, &[], None).await;
+        if anonymously_accessible(&a) == Some(true) {
+            edge.push(format!("GET {v} answered {} without credentials", a.show()));
+        }
+    }
+    if let Some(k) = &key {
+        let q = t
+            .send("GET", &format!("/v1/models?api_key={k}"), &[], None)
+            .await;
+        if q.status.is_some_and(|s| (200..300).contains(&s)) {
+            edge.push("GET /v1/models accepted the key from the query string".into());
+        }
+        let x = t
+            .send("GET", "/v1/models", &[("x-api-key", k.clone())], None)
+            .await;
+        if x.status.is_some_and(|s| (200..300).contains(&s)) {
+            edge.push("GET /v1/models accepted the key from an X-API-Key header".into());
+        }
+    }
+    checks.push(check(
+        "auth-edge-cases",
+        "Path variants are not anonymous; keys only from the Authorization header",
+        80,
+        "Authenticate before routing, on the raw path; accept keys only as Authorization: Bearer.",
+        edge,
+    ));
+
+    // Errors and timeouts make verdicts unknown, and can hide exposures.
+    let errors: Vec<String> = probes
+        .iter()
+        .flat_map(|p| {
+            std::iter::once(("anonymous", &p.anonymous))
+                .chain(p.authenticated.iter().map(|a| ("with key", a)))
+                .map(move |(w, a)| (p, w, a))
+        })
+        .filter(|(_, _, a)| a.status.is_none_or(|s| s >= 500))
+        .map(|(p, w, a)| format!("{} {} ({w}) answered {}", p.method, p.path, a.show()))
+        .collect();
+    checks.push(check(
+        "no-errors-or-timeouts",
+        "No probe got a 5xx or timed out",
+        60,
+        "Answer every unknown or unauthenticated request with a definite 401/403/404.",
+        errors,
+    ));
+
+    let total: u32 = checks.iter().map(|c| c.impact).sum();
+    let passed: u32 = checks.iter().filter(|c| c.passed).map(|c| c.impact).sum();
+    Ok(Some(Report {
+        target: o.url.clone(),
+        authenticated: key.is_some(),
+        score: passed * 100 / total.max(1),
+        checks,
+        probes,
+    }))
+}
+
+pub fn render_text(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Posture audit of {} ({})\n",
+        r.target,
+        if r.authenticated {
+            "anonymous and authenticated probes"
+        } else {
+            "anonymous probes only"
+        }
+    );
+    let _ = writeln!(
+        s,
+        "{:<42} {:<6} {:<9} REMEDIATION",
+        "CHECK", "RESULT", "SEVERITY"
+    );
+    for c in &r.checks {
+        let _ = writeln!(
+            s,
+            "{:<42} {:<6} {:<9} {}",
+            c.id,
+            if c.passed { "pass" } else { "FAIL" },
+            c.severity,
+            if c.passed { "" } else { c.remediation }
+        );
+        for e in c.evidence.iter().take(8) {
+            let _ = writeln!(s, "    {e}");
+        }
+        if c.evidence.len() > 8 {
+            let _ = writeln!(s, "    ... and {} more", c.evidence.len() - 8);
+        }
+    }
+    let passed = r.checks.iter().filter(|c| c.passed).count();
+    let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
+    for p in &r.probes {
+        *by_status.entry(p.anonymous.show()).or_default() += 1;
+    }
+    let _ = writeln!(
+        s,
+        "\nanonymous answers over {} routes: {}",
+        r.probes.len(),
+        by_status
+            .iter()
+            .map(|(k, v)| format!("{k} x{v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(
+        s,
+        "score: {}/100 ({passed} of {} checks passed)",
+        r.score,
+        r.checks.len()
+    );
+    s
+}

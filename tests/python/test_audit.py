@@ -1,0 +1,77 @@
+"""`bulwark audit` flags every exposure of a vLLM-default stand-in, check by check, and passes
+Bulwark itself on every check."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, free_port
+
+HERE = Path(__file__).parent
+ALL_CHECKS = {
+    "use-tls", "cors-not-wide-open", "openai-routes-require-authentication", "custom-inference-routes-not-anonymous",
+    "operational-control-routes-not-anonymous", "tokenization-routes-not-anonymous", "docs-not-exposed",
+    "openapi-not-exposed", "version-not-exposed", "tokenizer-info-not-exposed", "metrics-not-exposed",
+    "load-not-exposed", "development-routes-not-exposed", "profiler-routes-not-exposed", "runtime-lora-not-exposed",
+    "auth-edge-cases", "no-errors-or-timeouts",
+}
+
+
+def audit(*args):
+    r = subprocess.run([BIN, "audit", *map(str, args), "--format", "json", "--timeout", "5"],
+                       capture_output=True, text=True, timeout=120)
+    return r.returncode, (json.loads(r.stdout) if r.stdout.strip() else None), r.stderr
+
+
+@pytest.fixture
+def standin():
+    port = free_port()
+    p = subprocess.Popen([sys.executable, HERE / "vllm_standin.py", str(port)])
+    time.sleep(0.5)
+    yield f"http://127.0.0.1:{port}"
+    p.terminate()
+    p.wait()
+
+
+def test_flags_every_exposure_of_a_vllm_default_posture(standin, tmp_path):
+    keyfile = tmp_path / "key"
+    keyfile.write_text("anything\n")
+    rc, report, err = audit(standin, "--api-key-file", keyfile)
+    assert rc == 1, err
+    checks = {c["id"]: c for c in report["checks"]}
+    assert set(checks) == ALL_CHECKS
+    for cid, c in checks.items():
+        assert not c["passed"], f"{cid} should fail against the stand-in"
+        assert c["evidence"], cid
+    assert any("reflects" in e for e in checks["cors-not-wide-open"]["evidence"])
+    assert any("query string" in e for e in checks["auth-edge-cases"]["evidence"])
+    assert report["score"] < 10
+    assert "anything" not in json.dumps(report), "the key must never be printed"
+
+
+def test_state_changing_routes_get_no_post_unless_intrusive(standin):
+    _, report, _ = audit(standin)
+    sent = {p["path"]: p["method"] for p in report["probes"]}
+    assert sent["/pause"] == "GET" and sent["/sleep"] == "GET" and sent["/collective_rpc"] == "GET"
+    assert sent["/invocations"] == "POST"
+    _, report, _ = audit(standin, "--intrusive")
+    assert {p["path"]: p["method"] for p in report["probes"]}["/pause"] == "POST"
+
+
+def test_bulwark_passes_every_check(server, tmp_path):
+    keyfile = tmp_path / "key"
+    keyfile.write_text(server.key + "\n")
+    rc, report, err = audit(server.url, "--ca", server.ca, "--api-key-file", keyfile)
+    failed = [c for c in report["checks"] if not c["passed"]]
+    assert rc == 0 and not failed, failed
+    assert report["score"] == 100 and {c["id"] for c in report["checks"]} == ALL_CHECKS
+    assert all(p["anonymous"]["status"] == 401 for p in report["probes"])
+    assert server.key not in json.dumps(report)
+
+
+def test_unreachable_target_exits_2():
+    rc, _, err = audit(f"https://127.0.0.1:{free_port()}", "--insecure")
+    assert rc == 2 and "cannot reach" in err
