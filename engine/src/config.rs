@@ -138,6 +138,8 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Prompt tokens processed per step across the batch (bounds a step's latency).
     pub max_batch_tokens: usize,
+    /// `cpu`, or `cuda:N` in builds with the `cuda` feature.
+    pub device: String,
 }
 
 impl Default for EngineConfig {
@@ -147,6 +149,7 @@ impl Default for EngineConfig {
             io_threads: 1,
             max_batch: 16,
             max_batch_tokens: 512,
+            device: "cpu".into(),
         }
     }
 }
@@ -390,6 +393,17 @@ impl Config {
         Ok(())
     }
 
+    /// `Some(N)` for `engine.device = "cuda:N"`, `None` for the CPU.
+    pub fn cuda_ordinal(&self) -> Result<Option<usize>> {
+        match self.engine.device.as_str() {
+            "cpu" => Ok(None),
+            d => match d.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+                Some(n) => Ok(Some(n)),
+                None => bail!("engine.device must be \"cpu\" or \"cuda:N\" (got {d:?})"),
+            },
+        }
+    }
+
     pub fn compute_threads(&self) -> usize {
         if self.engine.threads > 0 {
             return self.engine.threads;
@@ -502,6 +516,19 @@ name = "smollm2"
             format!("{err:#}").contains("metrics.allow_non_loopback"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn cuda_device_needs_the_feature_and_best_effort() {
+        let err = parse(&format!("{}\n[engine]\ndevice = \"cuda:0\"\n", base())).unwrap_err();
+        let msg = format!("{err:#}");
+        if cfg!(feature = "cuda") {
+            assert!(msg.contains("best-effort"), "{msg}");
+        } else {
+            assert!(msg.contains("cuda feature"), "{msg}");
+        }
+        let err = parse(&format!("{}\n[engine]\ndevice = \"gpu\"\n", base())).unwrap_err();
+        assert!(format!("{err:#}").contains("engine.device"));
     }
 
     #[test]

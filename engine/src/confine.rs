@@ -24,8 +24,48 @@ pub fn policy(cfg: &Config) -> Result<sandbox::Policy> {
     } else {
         None
     };
+    let gpu = cfg.cuda_ordinal()?.is_some();
+    // The CUDA driver keeps talking to its device files and reads its /proc and /sys entries.
+    let fs = if gpu {
+        let mut fs = Vec::new();
+        for dev in [
+            "/dev/nvidiactl",
+            "/dev/nvidia-uvm",
+            "/dev/nvidia-uvm-tools",
+            "/dev/nvidia0",
+            "/dev/nvidia1",
+            "/dev/nvidia2",
+            "/dev/nvidia3",
+            "/dev/nvidia4",
+            "/dev/nvidia5",
+            "/dev/nvidia6",
+            "/dev/nvidia7",
+        ] {
+            if std::path::Path::new(dev).exists() {
+                fs.push(sandbox::FsRule {
+                    path: dev.into(),
+                    access: sandbox::FsAccess::ReadWriteDevice,
+                });
+            }
+        }
+        for ro in [
+            "/proc/driver/nvidia",
+            "/sys/devices/system/cpu",
+            "/sys/bus/pci/devices",
+        ] {
+            if std::path::Path::new(ro).exists() {
+                fs.push(sandbox::FsRule {
+                    path: ro.into(),
+                    access: sandbox::FsAccess::Read,
+                });
+            }
+        }
+        fs
+    } else {
+        Vec::new()
+    };
     Ok(sandbox::Policy {
-        fs: Vec::new(),
+        fs,
         bind_tcp: Vec::new(),
         connect_tcp: Vec::new(),
         user,
@@ -34,7 +74,7 @@ pub fn policy(cfg: &Config) -> Result<sandbox::Policy> {
             SandboxEnforcement::BestEffort => sandbox::Enforcement::BestEffort,
         },
         seccomp_log_only: cfg.sandbox.seccomp_log_only,
-        gpu: false,
+        gpu,
     })
 }
 

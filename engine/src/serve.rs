@@ -108,7 +108,11 @@ pub struct Loaded {
 }
 
 pub fn load_model(cfg: &Config) -> Result<Loaded> {
-    let device = candle_core::Device::Cpu;
+    let device = match cfg.cuda_ordinal()? {
+        None => candle_core::Device::Cpu,
+        Some(n) => candle_core::Device::new_cuda(n)
+            .with_context(|| format!("opening engine.device cuda:{n}"))?,
+    };
     let loaded = Instant::now();
     let (info, model) = crate::model::load(
         &cfg.resolve(&cfg.model.path),

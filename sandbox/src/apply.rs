@@ -57,8 +57,9 @@ impl Prepared {
     /// inherits everything. Returns what the kernel enforced.
     pub fn apply(self) -> Result<(Status, ComputeFilter), Error> {
         // INVARIANT: single-threaded, or Landlock (ABI < 8) would leave other threads free.
+        // Best effort accepts that (a GPU driver's threads), and reports Landlock as partial.
         let count = thread_count();
-        if count != 1 {
+        if count != 1 && self.policy.enforcement == Enforcement::Required {
             return Err(Error::NotSingleThreaded { count });
         }
         let root = sys::geteuid() == 0;
@@ -82,6 +83,7 @@ impl Prepared {
         let ls = self.landlock.restrict_self().map_err(Error::Landlock)?;
         let abi = sys::landlock_abi();
         let landlock = match ls.ruleset {
+            RulesetStatus::FullyEnforced if count != 1 => "partial",
             RulesetStatus::FullyEnforced => "full",
             RulesetStatus::PartiallyEnforced => "partial",
             RulesetStatus::NotEnforced => "none",
