@@ -379,6 +379,22 @@ impl Config {
             (1..=64).contains(&e.io_threads),
             "engine.io_threads must be between 1 and 64"
         );
+        match self.cuda_ordinal()? {
+            Some(_) if !cfg!(feature = "cuda") => {
+                bail!(
+                    "engine.device {:?} needs a build with the cuda feature (cargo build --features cuda)",
+                    e.device
+                )
+            }
+            Some(_) => ensure!(
+                self.sandbox.enforcement == SandboxEnforcement::BestEffort,
+                "engine.device {:?}: the CUDA driver starts threads while the model loads, before \
+                 confinement, and Landlock (ABI < 8) cannot restrict them; set \
+                 sandbox.enforcement = \"best-effort\" to serve on a GPU (seccomp still covers every thread)",
+                e.device
+            ),
+            None => {}
+        }
         if let Some(addr) = self.metrics.listen {
             ensure!(
                 addr.ip().is_loopback() || self.metrics.allow_non_loopback,
