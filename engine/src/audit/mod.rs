@@ -347,6 +347,116 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
     }
 }
 
+/// A check that fails when any route of its categories (and paths) answers anonymously.
+struct ExposureCheck {
+    id: &'static str,
+    title: &'static str,
+    impact: u32,
+    remediation: &'static str,
+    categories: &'static [Category],
+    paths: Option<&'static [&'static str]>,
+}
+
+/// The scanner's exposure checks, with its impacts (posture-scanner.md §1), plus LoRA loading.
+const EXPOSURE_CHECKS: &[ExposureCheck] = &[
+    ExposureCheck {
+        id: "custom-inference-routes-not-anonymous",
+        title: "Custom inference routes (/invocations, ...) are not anonymous",
+        impact: 100,
+        remediation: "Deny or authenticate /invocations, /pooling, /classify, /score, /rerank and the like.",
+        categories: &[Category::CustomInference],
+        paths: None,
+    },
+    ExposureCheck {
+        id: "operational-control-routes-not-anonymous",
+        title: "Operational-control routes (/pause, ...) are not anonymous",
+        impact: 90,
+        remediation: "Remove or authenticate /pause, /resume, /scale_elastic_ep and the fault-tolerance routes.",
+        categories: &[Category::OperationalControl],
+        paths: None,
+    },
+    ExposureCheck {
+        id: "tokenization-routes-not-anonymous",
+        title: "Tokenisation routes are not anonymous",
+        impact: 70,
+        remediation: "Authenticate or remove /tokenize and /detokenize.",
+        categories: &[Category::Utility],
+        paths: Some(&["/tokenize", "/detokenize"]),
+    },
+    ExposureCheck {
+        id: "docs-not-exposed",
+        title: "API documentation pages are not exposed",
+        impact: 60,
+        remediation: "Disable /docs and /redoc, or put them behind authentication.",
+        categories: &[Category::Documentation],
+        paths: Some(&["/docs", "/redoc"]),
+    },
+    ExposureCheck {
+        id: "openapi-not-exposed",
+        title: "The OpenAPI description is not exposed",
+        impact: 60,
+        remediation: "Serve the OpenAPI file from an internal docs system, not the API listener.",
+        categories: &[Category::Documentation],
+        paths: Some(&["/openapi.json"]),
+    },
+    ExposureCheck {
+        id: "version-not-exposed",
+        title: "The server version is not exposed",
+        impact: 50,
+        remediation: "Remove /version or authenticate it; keep versions in your inventory.",
+        categories: &[Category::Metadata],
+        paths: Some(&["/version"]),
+    },
+    ExposureCheck {
+        id: "tokenizer-info-not-exposed",
+        title: "Tokenizer information is not exposed",
+        impact: 50,
+        remediation: "Remove or authenticate /tokenizer_info.",
+        categories: &[Category::Utility],
+        paths: Some(&["/tokenizer_info"]),
+    },
+    ExposureCheck {
+        id: "metrics-not-exposed",
+        title: "Metrics are not exposed",
+        impact: 70,
+        remediation: "Serve metrics on a separate, loopback-only listener (Bulwark: metrics.listen) or authenticate them.",
+        categories: &[Category::Metrics],
+        paths: None,
+    },
+    ExposureCheck {
+        id: "load-not-exposed",
+        title: "The load endpoint is not exposed",
+        impact: 60,
+        remediation: "Remove or block /load.",
+        categories: &[Category::Utility],
+        paths: Some(&["/load"]),
+    },
+    ExposureCheck {
+        id: "development-routes-not-exposed",
+        title: "Development routes (/sleep, /collective_rpc, ...) are not exposed",
+        impact: 90,
+        remediation: "Never run development mode in production; authenticate before routing.",
+        categories: &[Category::Development],
+        paths: None,
+    },
+    ExposureCheck {
+        id: "profiler-routes-not-exposed",
+        title: "Profiler routes are not exposed",
+        impact: 90,
+        remediation: "Disable the profiler routes.",
+        categories: &[Category::Profiler],
+        paths: None,
+    },
+    ExposureCheck {
+        id: "runtime-lora-not-exposed",
+        title: "LoRA loading routes are not exposed",
+        impact: 90,
+        remediation: "Disable runtime adapter loading; models load once, at start-up.",
+        categories: &[Category::Lora],
+        paths: None,
+    },
+];
+
 /// One check's outcome.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -548,97 +658,15 @@ pub async fn run(o: &Options) -> Result<Option<Report>> {
         "Require an API key on every route (Bulwark authenticates before routing).",
         openai,
     ));
-    checks.push(check(
-        "custom-inference-routes-not-anonymous",
-        "Custom inference routes (/invocations, ...) are not anonymous",
-        100,
-        "Deny or authenticate /invocations, /pooling, /classify, /score, /rerank and the like.",
-        exposed(&probes, &[Category::CustomInference], None),
-    ));
-    checks.push(check(
-        "operational-control-routes-not-anonymous",
-        "Operational-control routes (/pause, ...) are not anonymous",
-        90,
-        "Remove or authenticate /pause, /resume, /scale_elastic_ep and the fault-tolerance routes.",
-        exposed(&probes, &[Category::OperationalControl], None),
-    ));
-    checks.push(check(
-        "tokenization-routes-not-anonymous",
-        "Tokenisation routes are not anonymous",
-        70,
-        "Authenticate or remove /tokenize and /detokenize.",
-        exposed(
-            &probes,
-            &[Category::Utility],
-            Some(&["/tokenize", "/detokenize"]),
-        ),
-    ));
-    checks.push(check(
-        "docs-not-exposed",
-        "API documentation pages are not exposed",
-        60,
-        "Disable /docs and /redoc, or put them behind authentication.",
-        exposed(
-            &probes,
-            &[Category::Documentation],
-            Some(&["/docs", "/redoc"]),
-        ),
-    ));
-    checks.push(check(
-        "openapi-not-exposed",
-        "The OpenAPI description is not exposed",
-        60,
-        "Serve the OpenAPI file from an internal docs system, not the API listener.",
-        exposed(
-            &probes,
-            &[Category::Documentation],
-            Some(&["/openapi.json"]),
-        ),
-    ));
-    checks.push(check(
-        "version-not-exposed",
-        "The server version is not exposed",
-        50,
-        "Remove /version or authenticate it; keep versions in your inventory.",
-        exposed(&probes, &[Category::Metadata], Some(&["/version"])),
-    ));
-    checks.push(check(
-        "tokenizer-info-not-exposed",
-        "Tokenizer information is not exposed",
-        50,
-        "Remove or authenticate /tokenizer_info.",
-        exposed(&probes, &[Category::Utility], Some(&["/tokenizer_info"])),
-    ));
-    checks.push(check("metrics-not-exposed", "Metrics are not exposed", 70,
-        "Serve metrics on a separate, loopback-only listener (Bulwark: metrics.listen) or authenticate them.", exposed(&probes, &[Category::Metrics], None)));
-    checks.push(check(
-        "load-not-exposed",
-        "The load endpoint is not exposed",
-        60,
-        "Remove or block /load.",
-        exposed(&probes, &[Category::Utility], Some(&["/load"])),
-    ));
-    checks.push(check(
-        "development-routes-not-exposed",
-        "Development routes (/sleep, /collective_rpc, ...) are not exposed",
-        90,
-        "Never run development mode in production; authenticate before routing.",
-        exposed(&probes, &[Category::Development], None),
-    ));
-    checks.push(check(
-        "profiler-routes-not-exposed",
-        "Profiler routes are not exposed",
-        90,
-        "Disable the profiler routes.",
-        exposed(&probes, &[Category::Profiler], None),
-    ));
-    checks.push(check(
-        "runtime-lora-not-exposed",
-        "LoRA loading routes are not exposed",
-        90,
-        "Disable runtime adapter loading; models load once, at start-up.",
-        exposed(&probes, &[Category::Lora], None),
-    ));
+    for e in EXPOSURE_CHECKS {
+        checks.push(check(
+            e.id,
+            e.title,
+            e.impact,
+            e.remediation,
+            exposed(&probes, e.categories, e.paths),
+        ));
+    }
 
     // Auth edge cases: path variants anonymously; the key from places other than the header.
     let mut edge = Vec::new();

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""GPU smoke and speed check, stdlib only (the GPU host may have no network): starts a CUDA
+build of Bulwark on the demo model, checks the first-token log-probabilities against the
+llama.cpp reference, checks every thread's confinement, and measures aggregate streaming
+throughput at 1, 4 and 16 clients.
+
+Usage: gpu-check.py BULWARK_BIN MODEL.gguf OUT_DIR
+"""
+import http.client
+import json
+import os
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN, MODEL, OUT = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+PORT = 18443
+TOL = 0.25
+
+
+def main():
+    d = OUT / "srv"
+    out = subprocess.run([BIN, "init", "--dir", d, "--model", MODEL, "--listen", f"127.0.0.1:{PORT}", "--name", "smollm2"],
+                         check=True, capture_output=True, text=True).stdout
+    key = out.strip().splitlines()[-1].removeprefix("api key: ")
+    cfg = d / "bulwark.toml"
+    cfg.write_text(cfg.read_text().replace("[model]", "[model]\ncontext_length = 4096", 1)
+                   + '\n[engine]\ndevice = "cuda:0"\nmax_batch = 64\n[sandbox]\nenforcement = "best-effort"\n[limits]\nrate_limit_per_minute = 0\n')
+    log = open(OUT / "server.log", "w")
+    proc = subprocess.Popen([BIN, "serve", "--config", cfg], stdout=log, stderr=subprocess.STDOUT)
+    ctx = ssl.create_default_context(cafile=str(d / "cert.pem"))
+    results = {}
+    try:
+        for _ in range(300):
+            try:
+                c = http.client.HTTPSConnection("127.0.0.1", PORT, context=ctx, timeout=5)
+                c.request("GET", "/v1/models", headers={"authorization": f"Bearer {key}"})
+                if c.getresponse().status == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+            if proc.poll() is not None:
+                raise SystemExit("server exited: " + (OUT / "server.log").read_text())
+
+        def post(body, stream=False):
+            c = http.client.HTTPSConnection("127.0.0.1", PORT, context=ctx, timeout=300)
+            c.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                      headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+            return c.getresponse()
+
+        # 1. Agreement with llama.cpp at the first generated position.
+        ref = json.loads((ROOT / "engine/tests/data/llamacpp-reference.json").read_text())
+        worst = 0.0
+        for case in ref["chat"]:
+            r = json.loads(post({"model": "smollm2", "messages": case["messages"], "max_tokens": 1, "temperature": 0,
+                                 "logprobs": True, "top_logprobs": 20}).read())
+            assert r["usage"]["prompt_tokens"] == len(case["prompt_ids"]), r["usage"]
+            tops = {t["token"]: t["logprob"] for t in r["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+            top_ids = case["top"]
+            # compare by rank-1 logprob of ours vs reference's top-1 (token strings are not in the file)
+            worst = max(worst, abs(max(tops.values()) - top_ids[0]["logprob"]))
+        results["reference_top1_logprob_max_diff"] = worst
+        results["reference_within_tolerance"] = worst <= TOL
+        greedy = json.loads(post({"model": "smollm2", "messages": ref["chat"][0]["messages"], "max_tokens": 24,
+                                  "temperature": 0}).read())
+        results["france_answer"] = greedy["choices"][0]["message"]["content"]
+
+        # 2. Confinement status of every thread.
+        threads = {}
+        for t in Path(f"/proc/{proc.pid}/task").iterdir():
+            s = dict(l.split(":", 1) for l in (t / "status").read_text().splitlines() if ":" in l)
+            threads[t.name] = {k: s[k].strip() for k in ("Name", "Seccomp", "NoNewPrivs", "CapEff", "CapBnd", "Uid")}
+        results["threads"] = threads
+
+        # 3. Throughput: streaming chat, 128 tokens, N clients.
+        def client(n_req, lat, toks):
+            for _ in range(n_req):
+                t0 = time.time()
+                r = post({"model": "smollm2", "max_tokens": 128, "temperature": 0, "stream": True,
+                          "stream_options": {"include_usage": True},
+                          "messages": [{"role": "user", "content": "Write a short story about a robot learning to paint."}]})
+                n = 0
+                for line in r:
+                    if line.startswith(b"data: {") and b'"usage"' in line:
+                        n = json.loads(line[6:])["usage"]["completion_tokens"]
+                lat.append(time.time() - t0)
+                toks.append(n)
+
+        for conc in (1, 4, 16, 64):
+            lat, toks = [], []
+            t0 = time.time()
+            ths = [threading.Thread(target=client, args=(2, lat, toks)) for _ in range(conc)]
+            for t in ths:
+                t.start()
+            for t in ths:
+                t.join()
+            wall = time.time() - t0
+            lat.sort()
+            results[f"c{conc}"] = {"tok_per_s": sum(toks) / wall, "p50_latency_s": lat[len(lat) // 2], "requests": len(lat)}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        results["exit_code"] = proc.returncode
+        (OUT / "gpu-results.json").write_text(json.dumps(results, indent=1))
+        print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
