@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN, MODEL, OUT = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 PORT = 18443
+CPU_PORT = 18444
 TOL = 0.25
 
 
@@ -30,6 +31,14 @@ def main():
     cfg = d / "bulwark.toml"
     cfg.write_text(cfg.read_text().replace("[model]", "[model]\ncontext_length = 4096", 1)
                    + '\n[engine]\ndevice = "cuda:0"\nmax_batch = 64\n[sandbox]\nenforcement = "best-effort"\n[limits]\nrate_limit_per_minute = 0\n')
+    # The same binary on the CPU, for a differential check.
+    dc = OUT / "srv-cpu"
+    out = subprocess.run([BIN, "init", "--dir", dc, "--model", MODEL, "--listen", f"127.0.0.1:{CPU_PORT}", "--name", "smollm2"],
+                         check=True, capture_output=True, text=True).stdout
+    cpu_key = out.strip().splitlines()[-1].removeprefix("api key: ")
+    (dc / "bulwark.toml").write_text((dc / "bulwark.toml").read_text() + '\n[metrics]\nlisten = "127.0.0.1:19465"\n[engine]\nthreads = 8\n')
+    cpu_proc = subprocess.Popen([BIN, "serve", "--config", dc / "bulwark.toml"], stdout=open(OUT / "cpu.log", "w"), stderr=subprocess.STDOUT)
+    cpu_ctx = ssl.create_default_context(cafile=str(dc / "cert.pem"))
     log = open(OUT / "server.log", "w")
     proc = subprocess.Popen([BIN, "serve", "--config", cfg], stdout=log, stderr=subprocess.STDOUT)
     ctx = ssl.create_default_context(cafile=str(d / "cert.pem"))
@@ -46,25 +55,42 @@ def main():
             if proc.poll() is not None:
                 raise SystemExit("server exited: " + (OUT / "server.log").read_text())
 
-        def post(body, stream=False):
-            c = http.client.HTTPSConnection("127.0.0.1", PORT, context=ctx, timeout=300)
+        for _ in range(300):
+            try:
+                socket_ok = http.client.HTTPSConnection("127.0.0.1", CPU_PORT, context=cpu_ctx, timeout=5)
+                socket_ok.request("GET", "/v1/models", headers={"authorization": f"Bearer {cpu_key}"})
+                if socket_ok.getresponse().status == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+
+        def post(body, port=PORT):
+            c = http.client.HTTPSConnection("127.0.0.1", port, context=ctx if port == PORT else cpu_ctx, timeout=300)
+            k = key if port == PORT else cpu_key
             c.request("POST", "/v1/chat/completions", body=json.dumps(body),
-                      headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+                      headers={"authorization": f"Bearer {k}", "content-type": "application/json"})
             return c.getresponse()
 
-        # 1. Agreement with llama.cpp at the first generated position.
+        # 1. Agreement at the first generated position: with llama.cpp (top-1 log-probability)
+        # and, token by token, with the same binary on the CPU.
         ref = json.loads((ROOT / "engine/tests/data/llamacpp-reference.json").read_text())
-        worst = 0.0
+        worst, worst_cpu, cases = 0.0, 0.0, []
         for case in ref["chat"]:
-            r = json.loads(post({"model": "smollm2", "messages": case["messages"], "max_tokens": 1, "temperature": 0,
-                                 "logprobs": True, "top_logprobs": 20}).read())
+            body = {"model": "smollm2", "messages": case["messages"], "max_tokens": 1, "temperature": 0,
+                    "logprobs": True, "top_logprobs": 5}
+            r = json.loads(post(body).read())
+            c = json.loads(post(body, port=CPU_PORT).read())
             assert r["usage"]["prompt_tokens"] == len(case["prompt_ids"]), r["usage"]
             tops = {t["token"]: t["logprob"] for t in r["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
-            top_ids = case["top"]
-            # compare by rank-1 logprob of ours vs reference's top-1 (token strings are not in the file)
-            worst = max(worst, abs(max(tops.values()) - top_ids[0]["logprob"]))
-        results["reference_top1_logprob_max_diff"] = worst
-        results["reference_within_tolerance"] = worst <= TOL
+            cpu = {t["token"]: t["logprob"] for t in c["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+            d_ref = abs(max(tops.values()) - case["top"][0]["logprob"])
+            d_cpu = max(abs(tops[t] - cpu[t]) for t in tops if t in cpu)
+            worst, worst_cpu = max(worst, d_ref), max(worst_cpu, d_cpu)
+            cases.append({"gpu": tops, "cpu": cpu, "llamacpp_top1": case["top"][0]["logprob"]})
+        results["first_token_cases"] = cases
+        results["llamacpp_top1_logprob_max_diff"] = worst
+        results["cpu_vs_gpu_logprob_max_diff"] = worst_cpu
+        results["within_tolerance"] = worst <= TOL and worst_cpu <= TOL
         greedy = json.loads(post({"model": "smollm2", "messages": ref["chat"][0]["messages"], "max_tokens": 24,
                                   "temperature": 0}).read())
         results["france_answer"] = greedy["choices"][0]["message"]["content"]
@@ -102,6 +128,7 @@ def main():
             lat.sort()
             results[f"c{conc}"] = {"tok_per_s": sum(toks) / wall, "p50_latency_s": lat[len(lat) // 2], "requests": len(lat)}
     finally:
+        cpu_proc.terminate()
         proc.terminate()
         proc.wait(30)
         results["exit_code"] = proc.returncode

@@ -136,6 +136,12 @@ class Lab:
         log = open(self.tmp / f"{name}.log", "w")
         self.spawn(ns, [self.bin, "serve", "--config", cfg], log=log)
         self.wait_port(ns, node["address"], node["api_port"])
+        # The port is bound before the model loads: wait until the engine says it serves.
+        deadline = time.time() + 90
+        while "serving" not in (self.tmp / f"{name}.log").read_text():
+            if time.time() > deadline:
+                raise TimeoutError(f"{name} never started serving")
+            time.sleep(0.2)
         node["_config"] = cfg
         node["_ca"] = d / "cert.pem"
 

@@ -5,8 +5,8 @@ use anyhow::{Context, Result};
 
 use crate::config::{Config, SandboxEnforcement};
 
-/// The policy for a single-node CPU server: no file at all (everything it needs was read
-/// before), no new port, no outgoing connection.
+/// The policy for a single-node CPU server: only the model file, read-only (it is parsed after
+/// confinement); no new port; no outgoing connection.
 pub fn policy(cfg: &Config) -> Result<sandbox::Policy> {
     let user = if is_root() {
         let (uid, gid) = sandbox::resolve_user(&cfg.sandbox.user, &cfg.sandbox.group)
@@ -26,8 +26,13 @@ pub fn policy(cfg: &Config) -> Result<sandbox::Policy> {
     };
     let gpu = cfg.cuda_ordinal()?.is_some();
     // The CUDA driver keeps talking to its device files and reads its /proc and /sys entries.
+    // The model is parsed after confinement: its file is the one path left readable.
+    let model = sandbox::FsRule {
+        path: cfg.resolve(&cfg.model.path),
+        access: sandbox::FsAccess::Read,
+    };
     let fs = if gpu {
-        let mut fs = Vec::new();
+        let mut fs = vec![model];
         for dev in [
             "/dev/nvidiactl",
             "/dev/nvidia-uvm",
@@ -62,7 +67,7 @@ pub fn policy(cfg: &Config) -> Result<sandbox::Policy> {
         }
         fs
     } else {
-        Vec::new()
+        vec![model]
     };
     Ok(sandbox::Policy {
         fs,

@@ -1,13 +1,16 @@
 //! `bulwark serve`: the start-up order, the listeners and the connection loop.
 //!
 //! Start-up order (each step fails closed):
-//! 1. read configuration, keys, TLS material and the model (hash pin first); every file is
-//!    closed again once read;
+//! 1. read configuration, keys and TLS material (every file closed again once read); open
+//!    the GPU, if one is configured;
 //! 2. bind the API and metrics listeners;
 //! 3. build every filter and ruleset, then confine the process while it is single-threaded
 //!    (Landlock, seccomp, no_new_privs, capabilities, user);
-//! 4. start the inference thread and the network runtime (they inherit the confinement);
-//! 5. accept connections.
+//! 4. start the inference thread: it stacks its narrower filter and creates the compute pools
+//!    (candle's and rayon's), so every compute thread inherits both;
+//! 5. load the model (hash pin first, then the GGUF, tokenizer and template parsers), already
+//!    confined: Landlock leaves exactly the model file readable;
+//! 6. start the network runtime and accept connections.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -62,7 +65,8 @@ pub fn run(config_path: &Path) -> Result<()> {
         )?)),
         _ => anyhow::bail!("server.tls_cert and server.tls_key are required"),
     };
-    let loaded = load_model(&cfg)?;
+    // A GPU is opened before confinement: its driver needs files Landlock will deny.
+    let device = open_device(&cfg)?;
 
     // INVARIANT: listeners are bound before confinement; afterwards no new port can be bound.
     let api_listener = std::net::TcpListener::bind(cfg.server.listen)
@@ -78,15 +82,16 @@ pub fn run(config_path: &Path) -> Result<()> {
         None => None,
     };
 
-    // INVARIANT: confined while single-threaded, before the inference thread, the compute pool
-    // and the network runtime exist, so that every one of them inherits the confinement.
+    // INVARIANT: confined while single-threaded, before the inference thread, the compute
+    // pools and the network runtime exist, so that every one of them inherits the
+    // confinement. The model is parsed afterwards, confined too (Landlock lets it read only
+    // the model file).
     let (status, compute_filter) = crate::confine::confine(&cfg)?;
-
-    let (state, infer_thread) = start(&cfg, keys, loaded, Some(compute_filter))?;
-    state
-        .metrics
+    let metrics = Arc::new(Metrics::default());
+    metrics
         .sandbox_enforced
         .store(u64::from(status.fully_enforced()), Ordering::Relaxed);
+    let (state, infer_thread) = start(&cfg, keys, &device, metrics, Some(compute_filter))?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.engine.io_threads)
@@ -101,18 +106,21 @@ pub fn run(config_path: &Path) -> Result<()> {
     result
 }
 
-/// The model, loaded and verified, not yet running.
-pub struct Loaded {
-    info: crate::model::ModelInfo,
-    model: crate::infer::models::llama::LlamaModel,
-}
-
-pub fn load_model(cfg: &Config) -> Result<Loaded> {
-    let device = match cfg.cuda_ordinal()? {
+pub fn open_device(cfg: &Config) -> Result<candle_core::Device> {
+    Ok(match cfg.cuda_ordinal()? {
         None => candle_core::Device::Cpu,
         Some(n) => candle_core::Device::new_cuda(n)
             .with_context(|| format!("opening engine.device cuda:{n}"))?,
-    };
+    })
+}
+
+fn load_model(
+    cfg: &Config,
+    device: &candle_core::Device,
+) -> Result<(
+    crate::model::ModelInfo,
+    crate::infer::models::llama::LlamaModel,
+)> {
     let loaded = Instant::now();
     let (info, model) = crate::model::load(
         &cfg.resolve(&cfg.model.path),
@@ -120,7 +128,7 @@ pub fn load_model(cfg: &Config) -> Result<Loaded> {
         &cfg.model.name,
         cfg.model.context_length,
         cfg.model.weights,
-        &device,
+        device,
     )
     .context("loading the model")?;
     tracing::info!(
@@ -131,41 +139,40 @@ pub fn load_model(cfg: &Config) -> Result<Loaded> {
         load_ms = loaded.elapsed().as_millis() as u64,
         "model loaded"
     );
-
-    Ok(Loaded { info, model })
+    Ok((info, model))
 }
 
-/// Load the model and start the inference thread (unconfined: for tests).
+/// Load the model and start the inference thread, unconfined (for tests).
 pub fn build_state(
     cfg: &Config,
     keys: KeyStore,
 ) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>)> {
-    let loaded = load_model(cfg)?;
-    start(cfg, keys, loaded, None)
+    let device = open_device(cfg)?;
+    start(cfg, keys, &device, Arc::new(Metrics::default()), None)
 }
 
-/// Start the inference thread (it stacks `compute_filter` on itself first) and build the
-/// router's state.
+/// Start the inference thread (it stacks `compute_filter` on itself and creates the compute
+/// pools), load the model using those pools, hand it over, and build the router's state.
 pub fn start(
     cfg: &Config,
     keys: KeyStore,
-    loaded: Loaded,
+    device: &candle_core::Device,
+    metrics: Arc<Metrics>,
     compute_filter: Option<sandbox::ComputeFilter>,
 ) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>)> {
-    let Loaded { info, model } = loaded;
-    let metrics = Arc::new(Metrics::default());
-    let info = Arc::new(info);
-    let (handle, infer_thread) = scheduler::spawn(
-        model,
-        info.clone(),
+    let pending = scheduler::spawn(
         SchedulerConfig {
             max_batch: cfg.engine.max_batch,
             max_batch_tokens: cfg.engine.max_batch_tokens,
             queue_depth: cfg.limits.queue_depth,
         },
+        cfg.compute_threads(),
         metrics.clone(),
         compute_filter,
     )?;
+    let (info, model) = load_model(cfg, device)?;
+    let info = Arc::new(info);
+    let (handle, infer_thread) = pending.start(model, info.clone())?;
     let state = Arc::new(AppState {
         keys,
         limits: cfg.limits.clone(),

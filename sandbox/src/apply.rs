@@ -33,6 +33,20 @@ pub fn thread_count() -> usize {
         .unwrap_or(usize::MAX)
 }
 
+/// Names of this process's threads (for the error that lists them).
+fn thread_names() -> String {
+    let mut names: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
+                .map(|n| n.trim().to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names.join(", ")
+}
+
 /// Capability sets of this thread all empty (from /proc/thread-self/status).
 fn capabilities_empty() -> bool {
     let Ok(s) = std::fs::read_to_string("/proc/thread-self/status") else {
@@ -60,7 +74,10 @@ impl Prepared {
         // Best effort accepts that (a GPU driver's threads), and reports Landlock as partial.
         let count = thread_count();
         if count != 1 && self.policy.enforcement == Enforcement::Required {
-            return Err(Error::NotSingleThreaded { count });
+            return Err(Error::NotSingleThreaded {
+                count,
+                names: thread_names(),
+            });
         }
         let root = sys::geteuid() == 0;
         // INVARIANT: the bounding set is dropped while CAP_SETPCAP is still held (before the

@@ -30,8 +30,14 @@ pub fn build(policy: &Policy) -> Result<RulesetCreated, Error> {
             path: rule.path.clone(),
             source,
         })?;
+        // Directory-only rights (listing) cannot be granted on a file.
+        let read = if rule.path.is_dir() {
+            AccessFs::from_read(abi)
+        } else {
+            AccessFs::from_read(abi) & AccessFs::from_file(abi)
+        };
         let access = match rule.access {
-            FsAccess::Read => AccessFs::from_read(abi),
+            FsAccess::Read => read,
             FsAccess::ReadWriteDevice => {
                 AccessFs::from_read(abi) | AccessFs::WriteFile | AccessFs::IoctlDev
             }

@@ -146,11 +146,13 @@ impl Status {
 pub enum Error {
     /// Other threads exist; Landlock would not restrict them.
     #[error(
-        "{count} threads exist; confinement must be applied while the process is single-threaded"
+        "{count} threads exist ({names}); confinement must be applied while the process is single-threaded"
     )]
     NotSingleThreaded {
         /// Threads found.
         count: usize,
+        /// Their names.
+        names: String,
     },
     /// A path in the policy could not be opened.
     #[error("Landlock rule for {}", path.display())]

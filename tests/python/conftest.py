@@ -50,15 +50,20 @@ class Server:
         self.wait_ready()
 
     def wait_ready(self, timeout=60):
+        # The port is bound before the model loads; ready means a request is answered.
+        import httpx
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited {self.proc.returncode}: {self.log_path.read_text()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                r = httpx.get(self.url + "/health", verify=self.ssl_context(), timeout=2,
+                              headers={"authorization": f"Bearer {self.key}"})
+                if r.status_code == 200:
                     return
-            except OSError:
-                time.sleep(0.1)
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
         raise TimeoutError("server did not start")
 
     def ssl_context(self):

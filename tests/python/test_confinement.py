@@ -77,3 +77,24 @@ def test_confined_server_keeps_serving_until_sigterm(make_server):
     srv.proc.send_signal(signal.SIGTERM)
     rc = srv.proc.wait(30)
     assert rc == 0, f"exit {rc} (a negative number is the signal, -31 is a seccomp kill)\n{srv.logs()}"
+
+
+def test_compute_pools_are_created_confined_on_many_cores(make_server):
+    # More compute threads than this machine has cores: the pools must still be created after
+    # confinement, by the inference thread, and carry its narrower filter.
+    srv = make_server("[engine]\nthreads = 4\n")
+    r = httpx.post(srv.url + "/v1/chat/completions", verify=srv.ssl_context(), timeout=120,
+                   headers={"authorization": f"Bearer {srv.key}"},
+                   json={"model": MODEL_NAME, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                         "max_tokens": 12, "temperature": 0})
+    assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
+    names = {}
+    for t in Path(f"/proc/{srv.proc.pid}/task").iterdir():
+        s = status_fields(t / "status")
+        names.setdefault(s["Name"], []).append(int(s["Seccomp_filters"]))
+    compute = [n for n in names if n.startswith(("bulwark-compute", "candle-bp"))]
+    assert compute, names
+    for n in compute + ["bulwark-infer"]:
+        assert all(f == 3 for f in names[n]), (n, names[n])
+    for n in ("bulwark", "bulwark-io"):
+        assert all(f == 2 for f in names[n]), (n, names[n])

@@ -106,28 +106,88 @@ pub struct SchedulerConfig {
     pub queue_depth: usize,
 }
 
-/// Start the inference thread. It ends when every handle is dropped and the queue is empty.
+/// The inference thread, started before the model exists: it confines itself, creates the
+/// compute pools (so that their threads inherit its confinement), then waits for the model.
+pub struct Pending {
+    handle: SchedulerHandle,
+    join: std::thread::JoinHandle<()>,
+    model_tx: std::sync::mpsc::SyncSender<(LlamaModel, Arc<ModelInfo>)>,
+}
+
+impl Pending {
+    /// Hand the loaded model over; the thread starts serving the queue.
+    pub fn start(
+        self,
+        model: LlamaModel,
+        info: Arc<ModelInfo>,
+    ) -> std::io::Result<(SchedulerHandle, std::thread::JoinHandle<()>)> {
+        self.model_tx.send((model, info)).map_err(|_| {
+            std::io::Error::other("the inference thread ended before the model arrived")
+        })?;
+        Ok((self.handle, self.join))
+    }
+}
+
+/// Start the inference thread. Returns once its compute pools exist, so that work the caller
+/// runs afterwards (loading the model) uses threads that inherit the thread's confinement.
 pub fn spawn(
-    model: LlamaModel,
-    info: Arc<ModelInfo>,
     cfg: SchedulerConfig,
+    compute_threads: usize,
     metrics: Arc<Metrics>,
     compute_filter: Option<sandbox::ComputeFilter>,
-) -> std::io::Result<(SchedulerHandle, std::thread::JoinHandle<()>)> {
+) -> std::io::Result<Pending> {
     let (tx, rx) = mpsc::channel(cfg.queue_depth);
+    let (model_tx, model_rx) = std::sync::mpsc::sync_channel::<(LlamaModel, Arc<ModelInfo>)>(1);
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
     let m = metrics.clone();
-    let join = std::thread::Builder::new().name("bulwark-infer".into()).spawn(move || {
-        // INVARIANT: the compute allowlist (no network calls) is stacked before this thread
-        // touches a request or starts the compute pool, which inherits it.
-        if let Some(f) = compute_filter
-            && let Err(e) = f.apply_to_current_thread()
-        {
-            tracing::error!(error = %e, "could not confine the inference thread; it will not serve");
-            return;
+    let join = std::thread::Builder::new()
+        .name("bulwark-infer".into())
+        .spawn(move || {
+            // INVARIANT: the compute allowlist (no network calls) is stacked before this thread
+            // starts the compute pools, which inherit it, and before it touches a request.
+            if let Some(f) = compute_filter
+                && let Err(e) = f.apply_to_current_thread()
+            {
+                let _ = ready_tx.send(Err(format!("confining the inference thread: {e}")));
+                return;
+            }
+            // INVARIANT: both compute pools are created here, by this thread, and never by another:
+            // rayon's (GEMM) and candle's own persistent barrier pool.
+            if let Err(e) = rayon::ThreadPoolBuilder::new()
+                .num_threads(compute_threads)
+                .thread_name(|i| format!("bulwark-compute-{i}"))
+                .build_global()
+            {
+                tracing::debug!(error = %e, "compute pool already exists");
+            }
+            let _ = candle_core::utils::barrier_pool();
+            let _ = ready_tx.send(Ok(()));
+            let Ok((model, info)) = model_rx.recv() else {
+                return;
+            };
+            Scheduler {
+                model,
+                info,
+                cfg,
+                metrics: m,
+                active: Vec::new(),
+            }
+            .run(rx)
+        })?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(std::io::Error::other(e)),
+        Err(_) => {
+            return Err(std::io::Error::other(
+                "the inference thread ended during start-up",
+            ));
         }
-        Scheduler { model, info, cfg, metrics: m, active: Vec::new() }.run(rx)
-    })?;
-    Ok((SchedulerHandle { tx, metrics }, join))
+    }
+    Ok(Pending {
+        handle: SchedulerHandle { tx, metrics },
+        join,
+        model_tx,
+    })
 }
 
 struct Active {

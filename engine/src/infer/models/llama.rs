@@ -375,6 +375,9 @@ impl LlamaModel {
                 q.narrow(1, row, t)?
                     .contiguous()?
                     .reshape((c.n_kv_head, group * t, c.head_dim))?;
+            // The cache views are narrowed from a larger buffer; a contiguous copy gives every
+            // backend (cuBLAS batched GEMM included) the plain strides it expects.
+            let kc = kc.contiguous()?;
             let att = (qi.matmul(&kc.t()?)? * scale)?;
             let att = if t > 1 {
                 let mask: Vec<f32> = (0..t)
