@@ -81,8 +81,9 @@ def main():
             r = json.loads(post(body).read())
             c = json.loads(post(body, port=CPU_PORT).read())
             assert r["usage"]["prompt_tokens"] == len(case["prompt_ids"]), r["usage"]
-            tops = {t["token"]: t["logprob"] for t in r["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
-            cpu = {t["token"]: t["logprob"] for t in c["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+            # Keyed by raw bytes: several byte tokens share the text U+FFFD.
+            tops = {bytes(t["bytes"]).hex(): t["logprob"] for t in r["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+            cpu = {bytes(t["bytes"]).hex(): t["logprob"] for t in c["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
             d_ref = abs(max(tops.values()) - case["top"][0]["logprob"])
             d_cpu = max(abs(tops[t] - cpu[t]) for t in tops if t in cpu)
             worst, worst_cpu = max(worst, d_ref), max(worst_cpu, d_cpu)

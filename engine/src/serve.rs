@@ -65,8 +65,15 @@ pub fn run(config_path: &Path) -> Result<()> {
         )?)),
         _ => anyhow::bail!("server.tls_cert and server.tls_key are required"),
     };
-    // A GPU is opened before confinement: its driver needs files Landlock will deny.
+    // A GPU is opened, and the model loaded and run once on it, before confinement: the CUDA
+    // driver loads its JIT compiler and kernel modules on first use, from files Landlock and
+    // seccomp will deny (docs/landlock.md, GPU).
     let device = open_device(&cfg)?;
+    let preloaded = if device.is_cuda() {
+        Some(load_and_warm_up(&cfg, &device)?)
+    } else {
+        None
+    };
 
     // INVARIANT: listeners are bound before confinement; afterwards no new port can be bound.
     let api_listener = std::net::TcpListener::bind(cfg.server.listen)
@@ -91,7 +98,14 @@ pub fn run(config_path: &Path) -> Result<()> {
     metrics
         .sandbox_enforced
         .store(u64::from(status.fully_enforced()), Ordering::Relaxed);
-    let (state, infer_thread) = start(&cfg, keys, &device, metrics, Some(compute_filter))?;
+    let (state, infer_thread) = start(
+        &cfg,
+        keys,
+        &device,
+        metrics,
+        Some(compute_filter),
+        preloaded,
+    )?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.engine.io_threads)
@@ -114,13 +128,7 @@ pub fn open_device(cfg: &Config) -> Result<candle_core::Device> {
     })
 }
 
-fn load_model(
-    cfg: &Config,
-    device: &candle_core::Device,
-) -> Result<(
-    crate::model::ModelInfo,
-    crate::infer::models::llama::LlamaModel,
-)> {
+fn load_model(cfg: &Config, device: &candle_core::Device) -> Result<Model> {
     let loaded = Instant::now();
     let (info, model) = crate::model::load(
         &cfg.resolve(&cfg.model.path),
@@ -142,13 +150,35 @@ fn load_model(
     Ok((info, model))
 }
 
+type Model = (
+    crate::model::ModelInfo,
+    crate::infer::models::llama::LlamaModel,
+);
+
+/// Load the model and run a prompt and a decode step through it, so that every kernel it uses
+/// is loaded now.
+fn load_and_warm_up(cfg: &Config, device: &candle_core::Device) -> Result<Model> {
+    let (info, model) = load_model(cfg, device)?;
+    let mut cache = model.new_cache();
+    let ids = [info.tokenizer.eos_id, info.tokenizer.eos_id];
+    model.forward(&mut [crate::infer::models::llama::BatchItem {
+        tokens: &ids,
+        cache: &mut cache,
+    }])?;
+    model.forward(&mut [crate::infer::models::llama::BatchItem {
+        tokens: &ids[..1],
+        cache: &mut cache,
+    }])?;
+    Ok((info, model))
+}
+
 /// Load the model and start the inference thread, unconfined (for tests).
 pub fn build_state(
     cfg: &Config,
     keys: KeyStore,
 ) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>)> {
     let device = open_device(cfg)?;
-    start(cfg, keys, &device, Arc::new(Metrics::default()), None)
+    start(cfg, keys, &device, Arc::new(Metrics::default()), None, None)
 }
 
 /// Start the inference thread (it stacks `compute_filter` on itself and creates the compute
@@ -159,6 +189,7 @@ pub fn start(
     device: &candle_core::Device,
     metrics: Arc<Metrics>,
     compute_filter: Option<sandbox::ComputeFilter>,
+    preloaded: Option<Model>,
 ) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>)> {
     let pending = scheduler::spawn(
         SchedulerConfig {
@@ -170,7 +201,10 @@ pub fn start(
         metrics.clone(),
         compute_filter,
     )?;
-    let (info, model) = load_model(cfg, device)?;
+    let (info, model) = match preloaded {
+        Some(m) => m,
+        None => load_model(cfg, device)?,
+    };
     let info = Arc::new(info);
     let (handle, infer_thread) = pending.start(model, info.clone())?;
     let state = Arc::new(AppState {

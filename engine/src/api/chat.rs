@@ -278,9 +278,9 @@ fn logprob_entry(t: &TokenLogprob) -> Value {
     json!({
         "token": t.token,
         "logprob": t.logprob,
-        "bytes": t.token.as_bytes(),
+        "bytes": t.bytes,
         "top_logprobs": t.top.iter().map(|a| json!({
-            "token": a.token, "logprob": a.logprob, "bytes": a.token.as_bytes(),
+            "token": a.token, "logprob": a.logprob, "bytes": a.bytes,
         })).collect::<Vec<_>>(),
     })
 }

@@ -39,6 +39,7 @@ pub struct GenRequest {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TopLogprob {
     pub token: String,
+    pub bytes: Vec<u8>,
     pub logprob: f32,
 }
 
@@ -46,6 +47,7 @@ pub struct TopLogprob {
 pub struct TokenLogprob {
     pub id: u32,
     pub token: String,
+    pub bytes: Vec<u8>,
     pub logprob: f32,
     pub top: Vec<TopLogprob>,
 }
@@ -372,11 +374,13 @@ impl Scheduler {
             a.pending_logprobs.push(TokenLogprob {
                 id,
                 token: tok.token_text(id),
+                bytes: tok.token_bytes(id),
                 logprob: lp[id as usize],
                 top: order
                     .iter()
                     .map(|&t| TopLogprob {
                         token: tok.token_text(t),
+                        bytes: tok.token_bytes(t),
                         logprob: lp[t as usize],
                     })
                     .collect(),

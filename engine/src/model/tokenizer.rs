@@ -31,6 +31,8 @@ pub struct ModelTokenizer {
     pub model_kind: String,
     pub pre_kind: String,
     pub special_count: usize,
+    /// Per id: a control or user-defined token, stored as plain text.
+    special: Vec<bool>,
 }
 
 impl ModelTokenizer {
@@ -124,6 +126,10 @@ impl ModelTokenizer {
             .map(|(tok, _)| AddedToken::from(tok.clone(), true))
             .collect();
         let special_count = specials.len();
+        let special: Vec<bool> = types
+            .iter()
+            .map(|t| matches!(*t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
+            .collect();
         inner
             .add_special_tokens(specials)
             .map_err(|e| anyhow::anyhow!("adding special tokens: {e}"))?;
@@ -160,6 +166,7 @@ impl ModelTokenizer {
             model_kind,
             pre_kind,
             special_count,
+            special,
         })
     }
 
@@ -190,10 +197,35 @@ impl ModelTokenizer {
         self.inner.decode(&[id], false).unwrap_or_default()
     }
 
-    /// Raw bytes of one token (for OpenAI's `bytes` field in logprobs).
+    /// Raw bytes of one token (OpenAI's `bytes` in logprobs): a token can hold part of a
+    /// UTF-8 character, which its text shows only as U+FFFD.
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
-        self.token_text(id).into_bytes()
+        let Some(piece) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        let bytes: Option<Vec<u8>> = piece.chars().map(byte_level_char_to_byte).collect();
+        match bytes {
+            // Added (special) tokens are stored as plain text, not byte-level encoded.
+            Some(b) if !self.special.get(id as usize).copied().unwrap_or(false) => b,
+            _ => piece.into_bytes(),
+        }
     }
+}
+
+/// GPT-2's byte-level alphabet, inverted: printable bytes stand for themselves, the others were
+/// shifted to U+0100 and up, in order.
+fn byte_level_char_to_byte(c: char) -> Option<u8> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let cp = c as u32;
+    if printable(cp) {
+        return Some(cp as u8);
+    }
+    let n = cp.checked_sub(256)?;
+    (0u32..=255)
+        .filter(|b| !printable(*b))
+        .nth(n as usize)
+        .map(|b| b as u8)
 }
 
 /// Turns a growing list of token ids into text deltas without ever splitting a UTF-8
@@ -229,5 +261,20 @@ impl Detokenizer {
         } else {
             String::new()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::byte_level_char_to_byte;
+
+    #[test]
+    fn byte_level_alphabet_inverts() {
+        assert_eq!(byte_level_char_to_byte('A'), Some(b'A'));
+        assert_eq!(byte_level_char_to_byte('\u{120}'), Some(b' ')); // 'Ġ'
+        assert_eq!(byte_level_char_to_byte('\u{10a}'), Some(b'\n')); // 'Ċ'
+        assert_eq!(byte_level_char_to_byte('\u{100}'), Some(0));
+        assert_eq!(byte_level_char_to_byte('é'), Some(0xe9));
+        assert_eq!(byte_level_char_to_byte('\u{4e00}'), None);
     }
 }

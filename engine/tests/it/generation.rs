@@ -164,3 +164,42 @@ async fn logprobs_are_consistent() {
         assert!(v.windows(2).all(|w| w[0] >= w[1]) && v[0] <= 0.0);
     }
 }
+
+#[tokio::test]
+async fn logprob_bytes_rebuild_the_text_even_inside_a_character() {
+    let t = util::state("");
+    let r = t
+        .chat(
+            "Write the Japanese word for thank you, in Japanese script.",
+            json!({"temperature": 0, "max_tokens": 24, "logprobs": true}),
+        )
+        .await;
+    let j = r.json();
+    let text = j["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut bytes: Vec<u8> = Vec::new();
+    let entries = j["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let stop = j["choices"][0]["finish_reason"] == "stop";
+    for (i, e) in entries.iter().enumerate() {
+        if stop && i == entries.len() - 1 {
+            break; // the end-of-turn token is not part of the text
+        }
+        bytes.extend(
+            e["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8),
+        );
+    }
+    assert_eq!(String::from_utf8(bytes).unwrap(), text);
+    assert!(
+        !text.is_ascii(),
+        "the test needs a multi-byte answer: {text}"
+    );
+}
