@@ -205,3 +205,55 @@ def test_plaintext_on_loopback_when_asked(make_server):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_idle_keep_alive_connections_are_closed(make_server):
+    srv = make_server("[limits]\nidle_timeout_secs = 2\n")
+    ctx = srv.ssl_context()
+    with socket.create_connection(("127.0.0.1", srv.port)) as raw, ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+        s.sendall(f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {srv.key}\r\n\r\n".encode())
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200"), first[:40]
+        s.settimeout(10)
+        started = time.time()
+        rest = b""
+        try:
+            while chunk := s.recv(4096):
+                rest += chunk
+        except (ssl.SSLError, ConnectionResetError):
+            pass
+        assert time.time() - started < 6, "idle connection kept open"
+
+
+def test_client_certificates_when_configured(make_server, tmp_path):
+    def ossl(*args):
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+    ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+         "-subj", "/CN=clients", "-keyout", tmp_path / "ca.key", "-out", tmp_path / "ca.pem")
+    ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=alice",
+         "-keyout", tmp_path / "alice.key", "-out", tmp_path / "alice.csr")
+    ext = tmp_path / "ext.cnf"
+    ext.write_text("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    ossl("x509", "-req", "-in", tmp_path / "alice.csr", "-CA", tmp_path / "ca.pem", "-CAkey", tmp_path / "ca.key",
+         "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", tmp_path / "alice.pem")
+    srv = make_server()
+    srv.stop()
+    cfg = srv.config.read_text().replace('keys_file = "keys"', f'keys_file = "keys"\nclient_ca = "{tmp_path / "ca.pem"}"')
+    srv.config.write_text(cfg)
+    proc = subprocess.Popen([BIN, "serve", "--config", srv.config], stderr=subprocess.DEVNULL)
+    try:
+        with_cert = srv.ssl_context()
+        with_cert.load_cert_chain(tmp_path / "alice.pem", tmp_path / "alice.key")
+        for _ in range(100):
+            try:
+                r = httpx.get(srv.url + "/v1/models", verify=with_cert, headers={"authorization": f"Bearer {srv.key}"})
+                break
+            except httpx.ConnectError:
+                time.sleep(0.2)
+        assert r.status_code == 200
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(srv.url + "/v1/models", verify=srv.ssl_context(), headers={"authorization": f"Bearer {srv.key}"})
+    finally:
+        proc.terminate()
+        proc.wait(20)
