@@ -152,3 +152,56 @@ fn first_token_logprobs_match_llama_cpp() {
     }
     eprintln!("largest logprob difference from llama.cpp: {worst:.4} nats");
 }
+
+/// A decode step (one row: the output rows are split across the compute pool) gives the same
+/// logits as the same position inside a prompt pass (a GEMM over many rows).
+#[test]
+fn single_row_steps_match_the_prompt_pass() {
+    let r = reference();
+    let (_, model) = bulwark::model::load(
+        &util::model_path(),
+        util::MODEL_SHA256,
+        "m",
+        Some(512),
+        WeightFormat::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let ids = &r.chat[0].prompt_ids;
+        let n = ids.len();
+        let mut a = model.new_cache();
+        let whole = model
+            .forward(&mut [BatchItem {
+                tokens: ids,
+                cache: &mut a,
+            }])
+            .unwrap();
+        let mut b = model.new_cache();
+        model
+            .forward(&mut [BatchItem {
+                tokens: &ids[..n - 1],
+                cache: &mut b,
+            }])
+            .unwrap();
+        let step = model
+            .forward(&mut [BatchItem {
+                tokens: &ids[n - 1..],
+                cache: &mut b,
+            }])
+            .unwrap();
+        let diff = whole[0]
+            .iter()
+            .zip(&step[0])
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff < 1e-3,
+            "single-row step differs from the prompt pass by {diff}"
+        );
+    });
+}

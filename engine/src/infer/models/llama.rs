@@ -95,24 +95,60 @@ impl LlamaConfig {
     }
 }
 
-fn linear(q: QTensor, format: WeightFormat, device: &Device) -> Result<QMatMul> {
-    Ok(match (format, q.dtype()) {
+fn linear(q: QTensor, format: WeightFormat, device: &Device) -> Result<Linear> {
+    Ok(Linear(match (format, q.dtype()) {
         (WeightFormat::F32, _) | (_, GgmlDType::F32) => QMatMul::Tensor(q.dequantize(device)?),
         (WeightFormat::F16, _) => QMatMul::TensorF16(q.dequantize_f16(device)?),
         (WeightFormat::Quantized, _) => QMatMul::QTensor(std::sync::Arc::new(q)),
-    })
+    }))
+}
+
+/// Output rows per slice when a single-row product is split across the compute pool: large
+/// enough that each slice streams a good share of the weights, small enough to balance.
+const MATVEC_SLICE_ROWS: usize = 128;
+
+/// A weight matrix `[out, in]` applied as `x · Wᵀ`.
+///
+/// One decoding sequence makes a single-row product, for which the GEMM library falls back to
+/// a single-threaded GEMV: decode then reads all weights on one core. On the CPU such products
+/// are split by output rows across the compute pool (each slice is a contiguous block of the
+/// weights), which lets every core stream its share. Every other case is the library's GEMM.
+struct Linear(QMatMul);
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let threads = rayon::current_num_threads();
+        if let (QMatMul::Tensor(w), true) = (
+            &self.0,
+            x.device().is_cpu() && threads > 1 && x.dims()[0] == 1,
+        ) {
+            let out = w.dim(0)?;
+            let slice = out.div_ceil(threads).max(MATVEC_SLICE_ROWS);
+            if slice < out {
+                use rayon::prelude::*;
+                let parts = (0..out)
+                    .step_by(slice)
+                    .collect::<Vec<_>>()
+                    .par_iter()
+                    .map(|&start| x.matmul(&w.narrow(0, start, slice.min(out - start))?.t()?))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                return Ok(Tensor::cat(&parts, 1)?);
+            }
+        }
+        Ok(self.0.forward(x)?)
+    }
 }
 
 struct Block {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     ffn_norm: Tensor,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
 }
 
 impl Block {
@@ -196,7 +232,7 @@ pub struct LlamaModel {
     blocks: Vec<Block>,
     layers: Range<usize>,
     norm: Tensor,
-    lm_head: QMatMul,
+    lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -244,9 +280,9 @@ impl LlamaModel {
             linear(gguf.tensor("output.weight", device)?, format, device)?
         } else {
             match format {
-                WeightFormat::F16 => QMatMul::TensorF16(embed.to_dtype(DType::F16)?),
-                WeightFormat::F32 => QMatMul::Tensor(embed.clone()),
-                WeightFormat::Quantized => QMatMul::QTensor(std::sync::Arc::new(embed_q)),
+                WeightFormat::F16 => Linear(QMatMul::TensorF16(embed.to_dtype(DType::F16)?)),
+                WeightFormat::F32 => Linear(QMatMul::Tensor(embed.clone())),
+                WeightFormat::Quantized => Linear(QMatMul::QTensor(std::sync::Arc::new(embed_q))),
             }
         };
         let blocks = layers
