@@ -52,6 +52,21 @@ struct RawCase {
     ids: Vec<u32>,
 }
 
+fn load() -> (
+    bulwark::model::ModelInfo,
+    bulwark::infer::models::llama::LlamaModel,
+) {
+    bulwark::model::load(
+        &util::model_path(),
+        util::MODEL_SHA256,
+        "m",
+        Some(512),
+        WeightFormat::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
 fn reference() -> Reference {
     let p = util::repo_root().join("engine/tests/data/llamacpp-reference.json");
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
