@@ -76,15 +76,7 @@ fn reference() -> Reference {
 fn prompt_token_ids_match_llama_cpp() {
     let r = reference();
     assert_eq!(r.model_sha256, util::MODEL_SHA256);
-    let (info, _) = bulwark::model::load(
-        &util::model_path(),
-        util::MODEL_SHA256,
-        "m",
-        Some(512),
-        WeightFormat::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (info, _) = load();
     let template = info.template.as_ref().unwrap();
     for case in &r.chat {
         let msgs: Vec<ChatMessage> = case
@@ -126,15 +118,7 @@ fn prompt_token_ids_match_llama_cpp() {
 #[test]
 fn first_token_logprobs_match_llama_cpp() {
     let r = reference();
-    let (_, model) = bulwark::model::load(
-        &util::model_path(),
-        util::MODEL_SHA256,
-        "m",
-        Some(512),
-        WeightFormat::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (_, model) = load();
     let mut worst = 0f32;
     for case in &r.chat {
         let mut cache = model.new_cache();
@@ -173,15 +157,7 @@ fn first_token_logprobs_match_llama_cpp() {
 #[test]
 fn single_row_steps_match_the_prompt_pass() {
     let r = reference();
-    let (_, model) = bulwark::model::load(
-        &util::model_path(),
-        util::MODEL_SHA256,
-        "m",
-        Some(512),
-        WeightFormat::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (_, model) = load();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(3)
         .build()
