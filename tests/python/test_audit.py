@@ -75,3 +75,20 @@ def test_bulwark_passes_every_check(server, tmp_path):
 def test_unreachable_target_exits_2():
     rc, _, err = audit(f"https://127.0.0.1:{free_port()}", "--insecure")
     assert rc == 2 and "cannot reach" in err
+
+
+def test_flags_plaintext_answered_on_the_tls_port(tmp_path):
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-addext", "basicConstraints=critical,CA:FALSE",
+                    "-keyout", tmp_path / "k.pem", "-out", tmp_path / "c.pem"], check=True, capture_output=True)
+    port = free_port()
+    p = subprocess.Popen([sys.executable, HERE / "vllm_standin.py", str(port), tmp_path / "c.pem", tmp_path / "k.pem"])
+    try:
+        time.sleep(0.7)
+        rc, report, err = audit(f"https://127.0.0.1:{port}", "--ca", tmp_path / "c.pem")
+        assert rc == 1, err
+        tls = next(c for c in report["checks"] if c["id"] == "use-tls")
+        assert not tls["passed"] and "plain HTTP" in tls["evidence"][0], tls
+    finally:
+        p.terminate()
+        p.wait()

@@ -69,6 +69,35 @@ class Handler(BaseHTTPRequestHandler):
                              ("access-control-allow-headers", "*")])
 
 
+
+
+def serve_tls_and_plaintext(port, certfile, keyfile):
+    """One port that speaks TLS to TLS clients and plain HTTP to everyone else (a posture the
+    audit must flag: plaintext answered on the TLS port)."""
+    import socket
+    import ssl
+    import threading
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(certfile, keyfile)
+    srv = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+
+    def get_request():
+        conn, addr = srv.socket.accept()
+        first = conn.recv(1, socket.MSG_PEEK)
+        if first == b"\x16":  # a TLS ClientHello
+            conn = ctx.wrap_socket(conn, server_side=True)
+        return conn, addr
+
+    srv.get_request = get_request
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
 if __name__ == "__main__":
-    srv = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler)
-    srv.serve_forever()
+    if len(sys.argv) > 3:  # PORT CERT KEY: TLS and plaintext on one port
+        import threading
+        serve_tls_and_plaintext(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+        threading.Event().wait()
+    else:
+        ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
