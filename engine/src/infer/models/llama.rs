@@ -220,6 +220,14 @@ impl SeqCache {
     }
 }
 
+/// What every layer of one step shares: the rotations of each row's position and the causal
+/// mask of each item with more than one new token.
+struct Step {
+    cos: Tensor,
+    sin: Tensor,
+    masks: Vec<Option<Tensor>>,
+}
+
 /// One sequence's part of a batched step.
 pub struct BatchItem<'a> {
     pub tokens: &'a [u32],
@@ -353,9 +361,27 @@ impl LlamaModel {
         let cos = self.cos.index_select(&pos_t, 0)?.contiguous()?;
         let sin = self.sin.index_select(&pos_t, 0)?.contiguous()?;
 
+        // Causal masks for the items with more than one new token, built once for all layers.
+        let masks = items
+            .iter()
+            .map(|it| {
+                let (t, past) = (it.tokens.len(), it.cache.len());
+                if t == 1 {
+                    return Ok(None);
+                }
+                let total = past + t;
+                let mask: Vec<f32> = (0..t)
+                    .flat_map(|i| {
+                        (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
+                    })
+                    .collect();
+                Ok(Some(Tensor::from_vec(mask, (t, total), &self.device)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let step = Step { cos, sin, masks };
         let mut x = self.embed.index_select(&ids_t, 0)?;
         for (li, block) in self.blocks.iter().enumerate() {
-            x = self.block_forward(block, li, &x, &cos, &sin, items)?;
+            x = self.block_forward(block, li, &x, &step, items)?;
         }
         for it in items.iter_mut() {
             it.cache.len += it.tokens.len();
@@ -372,10 +398,10 @@ impl LlamaModel {
         b: &Block,
         layer: usize,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        step: &Step,
         items: &mut [BatchItem<'_>],
     ) -> Result<Tensor> {
+        let (cos, sin, masks) = (&step.cos, &step.sin, &step.masks);
         let c = &self.cfg;
         let n = x.dim(0)?;
         let h = candle_nn::ops::rms_norm(x, &b.attn_norm, c.rms_eps as f32)?;
@@ -396,7 +422,7 @@ impl LlamaModel {
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let mut outs = Vec::with_capacity(items.len());
         let mut row = 0;
-        for it in items.iter_mut() {
+        for (i, it) in items.iter_mut().enumerate() {
             let t = it.tokens.len();
             let past = it.cache.len();
             let (kc, vc) = it.cache.append(
@@ -415,18 +441,12 @@ impl LlamaModel {
             // backend (cuBLAS batched GEMM included) the plain strides it expects.
             let kc = kc.contiguous()?;
             let att = (qi.matmul(&kc.t()?)? * scale)?;
-            let att = if t > 1 {
-                let mask: Vec<f32> = (0..t)
-                    .flat_map(|i| {
-                        (0..total).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
-                    })
-                    .collect();
-                let mask = Tensor::from_vec(mask, (t, total), &self.device)?;
-                att.reshape((c.n_kv_head, group, t, total))?
-                    .broadcast_add(&mask)?
-                    .reshape((c.n_kv_head, group * t, total))?
-            } else {
-                att
+            let att = match &masks[i] {
+                Some(mask) => att
+                    .reshape((c.n_kv_head, group, t, total))?
+                    .broadcast_add(mask)?
+                    .reshape((c.n_kv_head, group * t, total))?,
+                None => att,
             };
             let att = candle_nn::ops::softmax_last_dim(&att)?;
             let o = att
