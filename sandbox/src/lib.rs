@@ -31,7 +31,7 @@
 //!   [`Prepared::apply`] refuses to run while other threads exist.
 //! - Landlock does not cover UDP or already-open descriptors; seccomp's `socket` rule and the
 //!   server's own design (no descriptors to secrets are kept) cover those.
-//! - The GPU entries (`ioctl` on `/dev/nvidia*`) are unverified until run on a GPU.
+//! - The GPU entries (`ioctl` on `/dev/nvidia*`) are broad; they have run on one H100 host.
 //!
 //! # Test strategy
 //! `tests/confinement.rs` is its own harness: for each forbidden action (exec, reading
