@@ -44,25 +44,21 @@ def main():
     ctx = ssl.create_default_context(cafile=str(d / "cert.pem"))
     results = {}
     try:
-        for _ in range(300):
-            try:
-                c = http.client.HTTPSConnection("127.0.0.1", PORT, context=ctx, timeout=5)
-                c.request("GET", "/v1/models", headers={"authorization": f"Bearer {key}"})
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
-            if proc.poll() is not None:
-                raise SystemExit("server exited: " + (OUT / "server.log").read_text())
+        def wait_ready(port, context, k):
+            for _ in range(300):
+                if proc.poll() is not None:
+                    raise SystemExit("server exited: " + (OUT / "server.log").read_text())
+                try:
+                    c = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=5)
+                    c.request("GET", "/v1/models", headers={"authorization": f"Bearer {k}"})
+                    if c.getresponse().status == 200:
+                        return
+                except OSError:
+                    time.sleep(0.2)
+            raise SystemExit(f"port {port} never became ready")
 
-        for _ in range(300):
-            try:
-                socket_ok = http.client.HTTPSConnection("127.0.0.1", CPU_PORT, context=cpu_ctx, timeout=5)
-                socket_ok.request("GET", "/v1/models", headers={"authorization": f"Bearer {cpu_key}"})
-                if socket_ok.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
+        wait_ready(PORT, ctx, key)
+        wait_ready(CPU_PORT, cpu_ctx, cpu_key)
 
         def post(body, port=PORT):
             c = http.client.HTTPSConnection("127.0.0.1", port, context=ctx if port == PORT else cpu_ctx, timeout=300)

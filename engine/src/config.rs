@@ -157,7 +157,7 @@ impl Default for EngineConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// Prometheus listener; `None` disables it. Non-loopback needs `allow_non_loopback`.
+    /// Prometheus listener (always on). Non-loopback needs `allow_non_loopback`.
     pub listen: Option<SocketAddr>,
     pub allow_non_loopback: bool,
 }
@@ -545,6 +545,29 @@ name = "smollm2"
         }
         let err = parse(&format!("{}\n[engine]\ndevice = \"gpu\"\n", base())).unwrap_err();
         assert!(format!("{err:#}").contains("engine.device"));
+    }
+
+    #[test]
+    fn firewall_and_sandbox_keys_are_validated_by_name() {
+        let err = parse(&format!(
+            "{}\n[firewall]\napi_sources = [\"10.0.0.0/40\"]\n",
+            base()
+        ))
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("firewall.api_sources"),
+            "{err:#}"
+        );
+        let err = parse(&format!("{}\n[firewall]\ntable = \"Bad-Name\"\n", base())).unwrap_err();
+        assert!(format!("{err:#}").contains("firewall.table"), "{err:#}");
+        let err = parse(&format!("{}\n[sandbox]\nuser = \"root\"\n", base())).unwrap_err();
+        assert!(format!("{err:#}").contains("sandbox.user"), "{err:#}");
+        let err = parse(&format!(
+            "{}\n[sandbox]\nenforcement = \"sometimes\"\n",
+            base()
+        ))
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("enforcement"), "{err:#}");
     }
 
     #[test]

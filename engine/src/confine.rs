@@ -8,7 +8,7 @@ use crate::config::{Config, SandboxEnforcement};
 /// The policy for a single-node CPU server: only the model file, read-only (it is parsed after
 /// confinement); no new port; no outgoing connection.
 pub fn policy(cfg: &Config) -> Result<sandbox::Policy> {
-    let user = if is_root() {
+    let user = if sandbox::running_as_root() {
         let (uid, gid) = sandbox::resolve_user(&cfg.sandbox.user, &cfg.sandbox.group)
             .with_context(|| {
                 format!(
@@ -81,17 +81,6 @@ pub fn policy(cfg: &Config) -> Result<sandbox::Policy> {
         seccomp_log_only: cfg.sandbox.seccomp_log_only,
         gpu,
     })
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }
 
 /// Confine this process; logs and returns the status. Fails closed unless best effort was

@@ -185,6 +185,40 @@ pub fn verify(cfg: &Config) -> Result<bool> {
 mod tests {
     use super::*;
 
+    fn config(extra: &str) -> Config {
+        let text = format!(
+            "[server]\nlisten = \"0.0.0.0:8443\"\ntls_cert = \"c\"\ntls_key = \"k\"\nkeys_file = \"keys\"\n\
+             [model]\npath = \"m\"\nsha256 = \"{}\"\nname = \"m\"\n[sandbox]\nuser = \"65534\"\ngroup = \"65534\"\n{extra}",
+            "0".repeat(64)
+        );
+        let cfg: Config = toml::from_str(&text).unwrap();
+        cfg.validate().unwrap();
+        cfg
+    }
+
+    #[test]
+    fn policy_follows_the_configuration() {
+        let p = policy(&config("[metrics]\nlisten = \"127.0.0.1:9999\"\n[firewall]\napi_sources = [\"10.1.0.0/16\"]\napi_new_connections_per_second = 0\nengine_user = \"4242\"\n")).unwrap();
+        assert_eq!(p.api_port, 8443);
+        assert_eq!(p.metrics_port, Some(9999));
+        assert_eq!(p.api_sources, vec!["10.1.0.0/16".parse().unwrap()]);
+        assert_eq!(p.api_rate, None, "0 disables the rate limit");
+        assert_eq!(
+            p.egress.unwrap().uid,
+            4242,
+            "firewall.engine_user overrides sandbox.user"
+        );
+        let p = policy(&config("")).unwrap();
+        assert_eq!(
+            p.api_rate,
+            Some(firewall::Rate {
+                per_second: 20,
+                burst: 40
+            })
+        );
+        assert_eq!(p.egress.unwrap().uid, 65534, "sandbox.user by default");
+    }
+
     #[test]
     fn normalize_strips_counters_and_handles() {
         let n = normalize(

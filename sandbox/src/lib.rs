@@ -52,6 +52,11 @@ use std::path::PathBuf;
 pub use apply::{ComputeFilter, Prepared, prepare, thread_count};
 pub use sys::resolve_user;
 
+/// The process runs with effective uid 0 (it must then switch to [`Policy::user`]).
+pub fn running_as_root() -> bool {
+    sys::geteuid() == 0
+}
+
 /// The Landlock ABI whose rights we handle. Pinned: a newer ABI adds rights whose effect must
 /// be reviewed (and tested) before we handle them. V6 adds the scoping of abstract Unix sockets
 /// and signals.

@@ -43,6 +43,11 @@ const PROBES: &[(&str, Expect)] = &[
     ("unix_socket", Expect::Killed),
     ("signal_parent", Expect::Killed),
     ("compute_thread_accept", Expect::Killed),
+    // Enforcement modes: another thread makes `required` refuse and `best-effort` report
+    // Landlock as partial; log-only lets a forbidden call through (and reports it).
+    ("required_refuses_with_threads", Expect::Denied),
+    ("best_effort_reports_partial", Expect::Allowed),
+    ("log_only_does_not_kill", Expect::Allowed),
 ];
 
 struct Env {
@@ -95,6 +100,44 @@ fn run_probe(name: &str) {
         seccomp_log_only: false,
         gpu: false,
     };
+    if let Some(mode) = name
+        .strip_suffix("_with_threads")
+        .or(name.strip_suffix("_reports_partial"))
+    {
+        let _other = std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_secs(30)));
+        let policy = Policy {
+            enforcement: if mode == "required_refuses" {
+                Enforcement::Required
+            } else {
+                Enforcement::BestEffort
+            },
+            ..policy
+        };
+        match sandbox::prepare(&policy).expect("prepare").apply() {
+            Ok((status, _)) if status.landlock == "partial" && !status.fully_enforced() => {
+                println!("ALLOWED partial")
+            }
+            Ok((status, _)) => println!("UNEXPECTED {status:?}"),
+            Err(e) => println!("DENIED {e}"),
+        }
+        return;
+    }
+    if name == "log_only_does_not_kill" {
+        let policy = Policy {
+            seccomp_log_only: true,
+            ..policy
+        };
+        let (status, _) = sandbox::prepare(&policy)
+            .expect("prepare")
+            .apply()
+            .expect("apply");
+        assert_eq!(status.seccomp, "log-only");
+        assert!(!status.fully_enforced());
+        // Denied by the allowlist, but only logged: the call returns (EPERM, unprivileged).
+        let _ = raw(libc::SYS_ptrace, [libc::PTRACE_TRACEME as i64, 0, 0, 0]);
+        println!("ALLOWED survived");
+        return;
+    }
     let prepared = sandbox::prepare(&policy).expect("prepare");
     let (status, compute) = prepared.apply().expect("apply");
     assert!(status.fully_enforced(), "{status:?}");

@@ -198,18 +198,7 @@ pub fn prepare(state: &AppState, r: ChatRequest) -> Result<(Prepared, bool, bool
     let requested = r.max_completion_tokens.or(r.max_tokens);
     let max_tokens =
         openai::check_lengths(state, prompt.len(), requested, state.limits.max_tokens)?;
-    let stream = r.stream.unwrap_or(false);
-    let include_usage = r
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
-    if r.stream_options.is_some() && !stream {
-        return Err(ApiError::invalid(
-            "stream_options requires stream = true.",
-            "stream_options",
-        ));
-    }
+    let (stream, include_usage) = openai::stream_flags(r.stream, r.stream_options.as_ref())?;
     Ok((
         Prepared {
             prompt,

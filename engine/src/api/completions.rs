@@ -119,12 +119,7 @@ pub async fn handle(
     };
     let prompt = prompt_ids(state, r.prompt)?;
     let max_tokens = openai::check_lengths(state, prompt.len(), r.max_tokens, DEFAULT_MAX_TOKENS)?;
-    let stream = r.stream.unwrap_or(false);
-    let include_usage = r
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
+    let (stream, include_usage) = openai::stream_flags(r.stream, r.stream_options.as_ref())?;
 
     let rx = openai::submit(
         state,

@@ -114,6 +114,25 @@ pub fn stop_sequences(state: &AppState, stop: Option<StopField>) -> Result<Vec<S
     Ok(stops)
 }
 
+/// `(stream, include_usage)` from a request's `stream` and `stream_options`; options without
+/// streaming are refused by name (both endpoints behave the same).
+pub fn stream_flags(
+    stream: Option<bool>,
+    options: Option<&StreamOptions>,
+) -> Result<(bool, bool), ApiError> {
+    let stream = stream.unwrap_or(false);
+    if options.is_some() && !stream {
+        return Err(ApiError::invalid(
+            "stream_options requires stream = true.",
+            "stream_options",
+        ));
+    }
+    Ok((
+        stream,
+        options.and_then(|o| o.include_usage).unwrap_or(false),
+    ))
+}
+
 pub fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
     if model != state.model.name {
         return Err(ApiError::ModelNotFound {

@@ -572,6 +572,14 @@ async fn unsupported_inputs_are_refused_by_name() {
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{extra}: {}", r.text());
         assert_eq!(r.json()["error"]["param"], param, "{extra}: {}", r.text());
     }
+    let r = t
+        .post(
+            "/v1/completions",
+            json!({"model": MODEL_NAME, "prompt": "hi", "stream_options": {"include_usage": true}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.json()["error"]["param"], "stream_options", "{}", r.text());
     let r = t.chat("hi", json!({"frobnicate": 1})).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert!(r.text().contains("frobnicate"), "{}", r.text());
