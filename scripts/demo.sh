@@ -5,10 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 MODEL=$(./scripts/fetch-model.sh)
-cargo build --release -p bulwark
+# BULWARK_BIN: an already built binary (the test of this script uses the workspace's build).
+if [ -z "${BULWARK_BIN:-}" ]; then
+  cargo build --release -p bulwark
+  BULWARK_BIN=./target/release/bulwark
+fi
 rm -rf .demo/server
 LISTEN=${BULWARK_LISTEN:-127.0.0.1:8443}
-OUT=$(./target/release/bulwark init --dir .demo/server --model "$MODEL" --listen "$LISTEN" --name smollm2-135m-instruct)
+OUT=$("$BULWARK_BIN" init --dir .demo/server --model "$MODEL" --listen "$LISTEN" --name smollm2-135m-instruct)
 KEY=$(echo "$OUT" | tail -n 1 | sed 's/^api key: //')
 cat <<MSG
 
@@ -29,4 +33,4 @@ r = c.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": 
 print(r.choices[0].message.content)'
 
 MSG
-exec ./target/release/bulwark serve --config .demo/server/bulwark.toml
+exec "$BULWARK_BIN" serve --config .demo/server/bulwark.toml

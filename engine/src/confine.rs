@@ -5,8 +5,8 @@ use anyhow::{Context, Result};
 
 use crate::config::{Config, SandboxEnforcement};
 
-/// The policy for a single-node CPU server: only the model file, read-only (it is parsed after
-/// confinement); no new port; no outgoing connection.
+/// The policy for a single-node CPU server: no path at all (the model file was opened before
+/// and is parsed through its descriptor), no new port, no outgoing connection.
 pub fn policy(cfg: &Config) -> Result<sandbox::Policy> {
     let user = if sandbox::running_as_root() {
         let (uid, gid) = sandbox::resolve_user(&cfg.sandbox.user, &cfg.sandbox.group)
@@ -26,13 +26,9 @@ pub fn policy(cfg: &Config) -> Result<sandbox::Policy> {
     };
     let gpu = cfg.cuda_ordinal()?.is_some();
     // The CUDA driver keeps talking to its device files and reads its /proc and /sys entries.
-    // The model is parsed after confinement: its file is the one path left readable.
-    let model = sandbox::FsRule {
-        path: cfg.resolve(&cfg.model.path),
-        access: sandbox::FsAccess::Read,
-    };
+    // The model needs no rule: it was opened before confinement and is read by descriptor.
     let fs = if gpu {
-        let mut fs = vec![model];
+        let mut fs = Vec::new();
         for dev in [
             "/dev/nvidiactl",
             "/dev/nvidia-uvm",
@@ -67,7 +63,7 @@ pub fn policy(cfg: &Config) -> Result<sandbox::Policy> {
         }
         fs
     } else {
-        vec![model]
+        Vec::new()
     };
     Ok(sandbox::Policy {
         fs,

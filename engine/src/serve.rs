@@ -1,15 +1,16 @@
 //! `bulwark serve`: the start-up order, the listeners and the connection loop.
 //!
 //! Start-up order (each step fails closed):
-//! 1. read configuration, keys and TLS material (every file closed again once read); open
-//!    the GPU, if one is configured;
+//! 1. read configuration, keys and TLS material (every file closed again once read); open the
+//!    model file (kept open: it is parsed through this descriptor); open the GPU, if one is
+//!    configured;
 //! 2. bind the API and metrics listeners;
 //! 3. build every filter and ruleset, then confine the process while it is single-threaded
 //!    (Landlock, seccomp, no_new_privs, capabilities, user);
 //! 4. start the inference thread: it stacks its narrower filter and creates the compute pools
 //!    (candle's and rayon's), so every compute thread inherits both;
-//! 5. load the model (hash pin first, then the GGUF, tokenizer and template parsers), already
-//!    confined: Landlock leaves exactly the model file readable;
+//! 5. load the model (hash pin first, then the GGUF, tokenizer and template parsers) through
+//!    the descriptor opened in step 1, already confined: Landlock leaves no path readable;
 //! 6. start the network runtime and accept connections.
 
 use std::net::SocketAddr;
@@ -68,11 +69,14 @@ pub fn run(config_path: &Path) -> Result<()> {
     // A GPU is opened, and the model loaded and run once on it, before confinement: the CUDA
     // driver loads its JIT compiler and kernel modules on first use, from files Landlock and
     // seccomp will deny (docs/landlock.md, GPU).
+    // INVARIANT: the model file is opened before the user switch and Landlock: it is then
+    // hashed and parsed through this descriptor, whatever the modes of its parent directories.
+    let model_file = open_model_file(&cfg)?;
     let device = open_device(&cfg)?;
-    let preloaded = if device.is_cuda() {
-        Some(load_and_warm_up(&cfg, &device)?)
+    let model = if device.is_cuda() {
+        ModelSource::Loaded(load_and_warm_up(&cfg, model_file, &device)?)
     } else {
-        None
+        ModelSource::Opened(model_file)
     };
 
     // INVARIANT: listeners are bound before confinement; afterwards no new port can be bound.
@@ -98,14 +102,7 @@ pub fn run(config_path: &Path) -> Result<()> {
     metrics
         .sandbox_enforced
         .store(u64::from(status.fully_enforced()), Ordering::Relaxed);
-    let (state, infer_thread) = start(
-        &cfg,
-        keys,
-        &device,
-        metrics,
-        Some(compute_filter),
-        preloaded,
-    )?;
+    let (state, infer_thread) = start(&cfg, keys, &device, metrics, Some(compute_filter), model)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.engine.io_threads)
@@ -128,10 +125,33 @@ pub fn open_device(cfg: &Config) -> Result<candle_core::Device> {
     })
 }
 
-fn load_model(cfg: &Config, device: &candle_core::Device) -> Result<Model> {
+/// Open the configured model file (a regular file) with the privileges the server started with.
+pub fn open_model_file(cfg: &Config) -> Result<crate::model::gguf::ModelFile> {
+    let path = cfg.resolve(&cfg.model.path);
+    crate::model::gguf::ModelFile::open(&path).with_context(|| {
+        format!(
+            "model.path {}: the server opens it before it switches to sandbox.user {:?}",
+            path.display(),
+            cfg.sandbox.user
+        )
+    })
+}
+
+/// The model as `start` receives it: a file still to be parsed (on the CPU, confined), or one
+/// already loaded and warmed up (on a GPU, before confinement).
+pub enum ModelSource {
+    Opened(crate::model::gguf::ModelFile),
+    Loaded(Model),
+}
+
+fn load_model(
+    cfg: &Config,
+    file: crate::model::gguf::ModelFile,
+    device: &candle_core::Device,
+) -> Result<Model> {
     let loaded = Instant::now();
-    let (info, model) = crate::model::load(
-        &cfg.resolve(&cfg.model.path),
+    let (info, model) = crate::infer::load::load(
+        file,
         &cfg.model.sha256,
         &cfg.model.name,
         cfg.model.context_length,
@@ -150,15 +170,19 @@ fn load_model(cfg: &Config, device: &candle_core::Device) -> Result<Model> {
     Ok((info, model))
 }
 
-type Model = (
+pub type Model = (
     crate::model::ModelInfo,
     crate::infer::models::llama::LlamaModel,
 );
 
 /// Load the model and run a prompt and a decode step through it, so that every kernel it uses
 /// is loaded now.
-fn load_and_warm_up(cfg: &Config, device: &candle_core::Device) -> Result<Model> {
-    let (info, model) = load_model(cfg, device)?;
+fn load_and_warm_up(
+    cfg: &Config,
+    file: crate::model::gguf::ModelFile,
+    device: &candle_core::Device,
+) -> Result<Model> {
+    let (info, model) = load_model(cfg, file, device)?;
     let mut cache = model.new_cache();
     let ids = [info.tokenizer.eos_id, info.tokenizer.eos_id];
     model.forward(&mut [crate::infer::models::llama::BatchItem {
@@ -178,7 +202,8 @@ pub fn build_state(
     keys: KeyStore,
 ) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>)> {
     let device = open_device(cfg)?;
-    start(cfg, keys, &device, Arc::new(Metrics::default()), None, None)
+    let model = ModelSource::Opened(open_model_file(cfg)?);
+    start(cfg, keys, &device, Arc::new(Metrics::default()), None, model)
 }
 
 /// Start the inference thread (it stacks `compute_filter` on itself and creates the compute
@@ -189,7 +214,7 @@ pub fn start(
     device: &candle_core::Device,
     metrics: Arc<Metrics>,
     compute_filter: Option<sandbox::ComputeFilter>,
-    preloaded: Option<Model>,
+    model: ModelSource,
 ) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>)> {
     let pending = scheduler::spawn(
         SchedulerConfig {
@@ -201,12 +226,12 @@ pub fn start(
         metrics.clone(),
         compute_filter,
     )?;
-    let (info, model) = match preloaded {
-        Some(m) => m,
-        None => load_model(cfg, device)?,
+    let (info, model) = match model {
+        ModelSource::Loaded(m) => m,
+        ModelSource::Opened(file) => load_model(cfg, file, device)?,
     };
     let info = Arc::new(info);
-    let (handle, infer_thread) = pending.start(model, info.clone())?;
+    let (handle, infer_thread) = pending.start(Box::new(model), info.clone())?;
     let state = Arc::new(AppState {
         keys,
         limits: cfg.limits.clone(),

@@ -4,6 +4,9 @@
 use hyper::StatusCode;
 use serde_json::json;
 
+/// Retry-After while a pipeline stage is down: the head reconnects within a few seconds.
+const STAGE_RETRY_AFTER_SECS: u64 = 2;
+
 #[derive(Debug)]
 pub enum ApiError {
     /// No or wrong credentials, whatever the path or method.
@@ -36,6 +39,8 @@ pub enum ApiError {
     ModelNotFound {
         model: String,
     },
+    /// A pipeline stage on another node is down; the request may be retried shortly.
+    StageUnavailable,
     /// Something failed inside; the details were logged under the request id.
     Internal,
 }
@@ -59,7 +64,7 @@ impl ApiError {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded { .. } | Self::StageUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -77,6 +82,7 @@ impl ApiError {
             Self::RateLimited { .. } => "limits.rate_limit_per_minute",
             Self::Overloaded { what, .. } => what,
             Self::ModelNotFound { .. } => "model_not_found",
+            Self::StageUnavailable => "pipeline_unavailable",
             Self::Internal => "internal",
         }
     }
@@ -87,6 +93,7 @@ impl ApiError {
             | Self::Overloaded {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
+            Self::StageUnavailable => Some(STAGE_RETRY_AFTER_SECS),
             _ => None,
         }
     }
@@ -159,6 +166,15 @@ impl ApiError {
                 "invalid_request_error",
                 Some("model"),
                 Some("model_not_found"),
+            ),
+            Self::StageUnavailable => (
+                format!(
+                    "The model is temporarily unavailable (a pipeline stage is down); retry in \
+                     {STAGE_RETRY_AFTER_SECS} s."
+                ),
+                "server_error",
+                None,
+                Some("pipeline_unavailable"),
             ),
             Self::Internal => (
                 "The server failed to process the request.".into(),

@@ -235,9 +235,12 @@ pub fn submit(
             logprobs: p.logprobs,
             events: tx,
         })
-        .map_err(|_| ApiError::Overloaded {
-            what: "limits.queue_depth",
-            retry_after_secs: 1,
+        .map_err(|e| match e {
+            scheduler::SubmitError::QueueFull => ApiError::Overloaded {
+                what: "limits.queue_depth",
+                retry_after_secs: 1,
+            },
+            scheduler::SubmitError::Unavailable => ApiError::StageUnavailable,
         })?;
     Ok(rx)
 }
@@ -278,6 +281,7 @@ pub async fn collect(mut rx: mpsc::Receiver<Event>) -> Result<Collected, ApiErro
                 });
             }
             Event::Failed => return Err(ApiError::Internal),
+            Event::Unavailable => return Err(ApiError::StageUnavailable),
         }
     }
     Err(ApiError::Internal)
@@ -331,7 +335,7 @@ pub fn stream(
     tokio::spawn(async move {
         let ctx = taken;
         let mut tokens = (0, 0);
-        let mut ok = true;
+        let mut status = 200;
         if let Some(first) = fmt.first()
             && tx.send(sse(&first)).await.is_err()
         {
@@ -356,8 +360,12 @@ pub fn stream(
                     v
                 }
                 Event::Failed => {
-                    ok = false;
+                    status = 500;
                     vec![ApiError::Internal.body()]
+                }
+                Event::Unavailable => {
+                    status = 503;
+                    vec![ApiError::StageUnavailable.body()]
                 }
             };
             for f in frames {
@@ -369,7 +377,7 @@ pub fn stream(
             }
         }
         let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-        ctx.log(if ok { 200 } else { 500 }, tokens.0, tokens.1);
+        ctx.log(status, tokens.0, tokens.1);
     });
     let mut r = Response::new(ApiBody::Stream(body_rx));
     *r.status_mut() = StatusCode::OK;

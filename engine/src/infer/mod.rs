@@ -2,6 +2,7 @@
 //! imports hyper or tokio's networking; the API reaches it only through the scheduler's
 //! bounded channels.
 
+pub mod load;
 pub mod models;
 pub mod sampler;
 pub mod scheduler;

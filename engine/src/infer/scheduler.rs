@@ -4,7 +4,7 @@
 //! leave at once. The HTTP side talks to it only through bounded channels.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
@@ -82,23 +82,90 @@ pub enum Event {
     },
     /// The step failed; the cause is in the server log.
     Failed,
+    /// A pipeline stage on another node is down: the request cannot complete now (503).
+    Unavailable,
 }
 
-/// The queue is full: the caller answers 503 with Retry-After.
-#[derive(Debug)]
-pub struct QueueFull;
+/// Why a request was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The queue is full: the caller answers 503 with Retry-After.
+    QueueFull,
+    /// The pipeline is down (a stage is unreachable): 503 until it is back.
+    Unavailable,
+}
 
 #[derive(Clone)]
 pub struct SchedulerHandle {
     tx: mpsc::Sender<GenRequest>,
     metrics: Arc<Metrics>,
+    available: Arc<AtomicBool>,
 }
 
 impl SchedulerHandle {
-    pub fn submit(&self, req: GenRequest) -> Result<(), QueueFull> {
-        self.tx.try_send(req).map_err(|_| QueueFull)?;
+    pub fn submit(&self, req: GenRequest) -> Result<(), SubmitError> {
+        if !self.available.load(Ordering::Relaxed) {
+            return Err(SubmitError::Unavailable);
+        }
+        self.tx.try_send(req).map_err(|_| SubmitError::QueueFull)?;
         self.metrics.queued.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// One sequence's part of a step, as the scheduler hands it to a [`StepRunner`].
+pub struct StepItem<'a> {
+    /// The sequence's id, unique for the life of the process (stages key their caches by it).
+    pub seq: u64,
+    pub tokens: &'a [u32],
+    /// This node's cache for the sequence (its length is the sequence's position).
+    pub cache: &'a mut SeqCache,
+}
+
+/// A step failed because a pipeline stage is unreachable, not because of the request.
+#[derive(Debug)]
+pub struct StageDown;
+
+impl std::fmt::Display for StageDown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a pipeline stage is down")
+    }
+}
+
+impl std::error::Error for StageDown {}
+
+/// Where a step's compute runs: the whole model on this node, or this node's first stage
+/// followed by stages on other nodes (`cluster::pipeline`). Called on the inference thread,
+/// which may not touch the network: a remote runner talks to its link threads by channel.
+pub trait StepRunner: Send {
+    /// This node's part of the model (it makes the sequences' caches).
+    fn local(&self) -> &LlamaModel;
+    /// Run one step; the next-token logits of each item's last row, in order. An error that
+    /// wraps [`StageDown`] means every sequence in flight is lost.
+    fn run(&mut self, items: &mut [StepItem<'_>]) -> anyhow::Result<Vec<Vec<f32>>>;
+    /// The sequence is finished or abandoned: free its state on every stage.
+    fn free(&mut self, seq: u64);
+    /// Whether a step can run now (`false` while a stage is down).
+    fn available(&self) -> Arc<AtomicBool>;
+}
+
+impl StepRunner for LlamaModel {
+    fn local(&self) -> &LlamaModel {
+        self
+    }
+    fn run(&mut self, items: &mut [StepItem<'_>]) -> anyhow::Result<Vec<Vec<f32>>> {
+        let mut batch: Vec<BatchItem<'_>> = items
+            .iter_mut()
+            .map(|it| BatchItem {
+                tokens: it.tokens,
+                cache: &mut *it.cache,
+            })
+            .collect();
+        self.forward(&mut batch)
+    }
+    fn free(&mut self, _seq: u64) {}
+    fn available(&self) -> Arc<AtomicBool> {
+        Arc::new(AtomicBool::new(true))
     }
 }
 
@@ -113,20 +180,22 @@ pub struct SchedulerConfig {
 pub struct Pending {
     handle: SchedulerHandle,
     join: std::thread::JoinHandle<()>,
-    model_tx: std::sync::mpsc::SyncSender<(LlamaModel, Arc<ModelInfo>)>,
+    model_tx: std::sync::mpsc::SyncSender<(Box<dyn StepRunner>, Arc<ModelInfo>)>,
 }
 
 impl Pending {
     /// Hand the loaded model over; the thread starts serving the queue.
     pub fn start(
         self,
-        model: LlamaModel,
+        runner: Box<dyn StepRunner>,
         info: Arc<ModelInfo>,
     ) -> std::io::Result<(SchedulerHandle, std::thread::JoinHandle<()>)> {
-        self.model_tx.send((model, info)).map_err(|_| {
+        let mut handle = self.handle;
+        handle.available = runner.available();
+        self.model_tx.send((runner, info)).map_err(|_| {
             std::io::Error::other("the inference thread ended before the model arrived")
         })?;
-        Ok((self.handle, self.join))
+        Ok((handle, self.join))
     }
 }
 
@@ -139,7 +208,8 @@ pub fn spawn(
     compute_filter: Option<sandbox::ComputeFilter>,
 ) -> std::io::Result<Pending> {
     let (tx, rx) = mpsc::channel(cfg.queue_depth);
-    let (model_tx, model_rx) = std::sync::mpsc::sync_channel::<(LlamaModel, Arc<ModelInfo>)>(1);
+    let (model_tx, model_rx) =
+        std::sync::mpsc::sync_channel::<(Box<dyn StepRunner>, Arc<ModelInfo>)>(1);
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
     let m = metrics.clone();
     let join = std::thread::Builder::new()
@@ -164,15 +234,16 @@ pub fn spawn(
             }
             let _ = candle_core::utils::barrier_pool();
             let _ = ready_tx.send(Ok(()));
-            let Ok((model, info)) = model_rx.recv() else {
+            let Ok((runner, info)) = model_rx.recv() else {
                 return;
             };
             Scheduler {
-                model,
+                runner,
                 info,
                 cfg,
                 metrics: m,
                 active: Vec::new(),
+                next_seq: 1,
             }
             .run(rx)
         })?;
@@ -186,7 +257,12 @@ pub fn spawn(
         }
     }
     Ok(Pending {
-        handle: SchedulerHandle { tx, metrics },
+        handle: SchedulerHandle {
+            tx,
+            metrics,
+            // Replaced by the runner's own flag when the model arrives.
+            available: Arc::new(AtomicBool::new(true)),
+        },
         join,
         model_tx,
     })
@@ -194,6 +270,7 @@ pub fn spawn(
 
 struct Active {
     req: GenRequest,
+    seq: u64,
     cache: SeqCache,
     sampler: Sampler,
     detok: Detokenizer,
@@ -208,11 +285,12 @@ struct Active {
 }
 
 struct Scheduler {
-    model: LlamaModel,
+    runner: Box<dyn StepRunner>,
     info: Arc<ModelInfo>,
     cfg: SchedulerConfig,
     metrics: Arc<Metrics>,
     active: Vec<Active>,
+    next_seq: u64,
 }
 
 impl Scheduler {
@@ -232,7 +310,14 @@ impl Scheduler {
             }
             // A client that went away frees its slot before the next step.
             let before = self.active.len();
-            self.active.retain(|a| !a.req.events.is_closed());
+            let runner = &mut self.runner;
+            self.active.retain(|a| {
+                let keep = !a.req.events.is_closed();
+                if !keep {
+                    runner.free(a.seq);
+                }
+                keep
+            });
             let gone = before - self.active.len();
             if gone > 0 {
                 self.metrics
@@ -250,9 +335,16 @@ impl Scheduler {
 
     fn admit(&mut self, req: GenRequest) {
         self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+        if !self.runner.available().load(Ordering::Relaxed) {
+            let _ = req.events.try_send(Event::Unavailable);
+            return;
+        }
         let sampler = Sampler::new(req.sampling.clone());
+        let seq = self.next_seq;
+        self.next_seq += 1;
         self.active.push(Active {
-            cache: self.model.new_cache(),
+            seq,
+            cache: self.runner.local().new_cache(),
             sampler,
             detok: Detokenizer::new(),
             prefilled: 0,
@@ -288,7 +380,7 @@ impl Scheduler {
             .peak_batch
             .fetch_max(plan.len() as u64, Ordering::Relaxed);
         let mut planned = plan.iter().peekable();
-        let mut items: Vec<BatchItem<'_>> = Vec::with_capacity(plan.len());
+        let mut items: Vec<StepItem<'_>> = Vec::with_capacity(plan.len());
         for (i, a) in self.active.iter_mut().enumerate() {
             let Some(&(_, n)) = planned.next_if(|(j, _)| *j == i) else {
                 continue;
@@ -298,19 +390,31 @@ impl Scheduler {
             } else {
                 &a.last
             };
-            items.push(BatchItem {
+            items.push(StepItem {
+                seq: a.seq,
                 tokens,
                 cache: &mut a.cache,
             });
         }
-        let result = self.model.forward(&mut items);
+        let result = self.runner.run(&mut items);
         drop(items);
         let logits = match result {
             Ok(l) => l,
+            Err(e) if e.is::<StageDown>() || e.chain().any(|c| c.is::<StageDown>()) => {
+                // Every stage's caches are gone with the connection: nothing in flight can
+                // continue, planned this step or not.
+                tracing::warn!(error = %format!("{e:#}"), in_flight = self.active.len(),
+                    "pipeline stage down: failing every sequence in flight");
+                for a in self.active.drain(..) {
+                    let _ = a.req.events.try_send(Event::Unavailable);
+                }
+                return;
+            }
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "inference step failed");
                 for &(i, _) in &plan {
                     let _ = self.active[i].req.events.try_send(Event::Failed);
+                    self.runner.free(self.active[i].seq);
                 }
                 let failed: Vec<usize> = plan.iter().map(|p| p.0).collect();
                 let mut idx = 0;
@@ -430,6 +534,7 @@ impl Scheduler {
     }
 
     fn finish(&mut self, mut a: Active, finish: FinishReason) {
+        self.runner.free(a.seq);
         let text = std::mem::take(&mut a.pending_text);
         let logprobs = std::mem::take(&mut a.pending_logprobs);
         if !text.is_empty() || !logprobs.is_empty() {

@@ -5,7 +5,7 @@
 //! tokenizer or template parsers.
 
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -15,21 +15,68 @@ use sha2::{Digest, Sha256};
 /// Read buffer for hashing: large enough that hashing a 100 MB file is I/O bound.
 const HASH_CHUNK_BYTES: usize = 1 << 20;
 
-/// SHA-256 of a file, as lowercase hex.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; HASH_CHUNK_BYTES];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
+/// A model file opened for reading: a regular file (never a FIFO, a device or a directory,
+/// which would hang or never end), held open by descriptor.
+///
+/// The server opens it before it drops privileges and confines itself, then hashes and parses
+/// it through this descriptor: the file's parent directories may be closed to the unprivileged
+/// user (a clone in /root), and Landlock needs no rule for it at all.
+pub struct ModelFile {
+    pub path: PathBuf,
+    file: File,
+}
+
+impl ModelFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let meta = file
+            .metadata()
+            .with_context(|| format!("reading the metadata of {}", path.display()))?;
+        if !meta.is_file() {
+            bail!(
+                "{} is not a regular file; a model must be a local file",
+                path.display()
+            );
         }
-        hasher.update(&buf[..n]);
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+        })
     }
-    Ok(hex::encode(hasher.finalize()))
+
+    /// SHA-256 of the whole file, as lowercase hex; leaves the file positioned at its start.
+    pub fn sha256(&mut self) -> Result<String> {
+        self.file.seek(SeekFrom::Start(0))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; HASH_CHUNK_BYTES];
+        loop {
+            let n = self
+                .file
+                .read(&mut buf)
+                .with_context(|| format!("reading {}", self.path.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        self.file.seek(SeekFrom::Start(0))?;
+        Ok(hex::encode(hasher.finalize()))
+    }
+
+    /// Seconds since the epoch of the last modification (the API's `created`), 0 if unknown.
+    pub fn modified_secs(&self) -> u64 {
+        self.file
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs())
+    }
+}
+
+/// SHA-256 of a regular file, as lowercase hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    ModelFile::open(path)?.sha256()
 }
 
 /// A GGUF file whose hash matched its pin and whose header parsed.
@@ -41,27 +88,31 @@ pub struct GgufFile {
 
 impl GgufFile {
     /// Hash the file, compare with `expected_sha256`, and only then parse the header.
-    pub fn open_pinned(path: &Path, expected_sha256: &str) -> Result<Self> {
-        let actual = sha256_file(path)?;
+    pub fn open_pinned(mut file: ModelFile, expected_sha256: &str) -> Result<Self> {
+        let actual = file.sha256()?;
         if !actual.eq_ignore_ascii_case(expected_sha256) {
             bail!(
                 "model file {} has SHA-256 {actual}, but the configuration pins {expected_sha256} \
                  (model.sha256); refusing to load it",
-                path.display()
+                file.path.display()
             );
         }
-        Self::open_unverified(path)
+        Self::parse(file)
     }
 
     /// Parse without a pin: only for `bulwark model inspect`, which never serves.
     pub fn open_unverified(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        Self::parse(ModelFile::open(path)?)
+    }
+
+    fn parse(file: ModelFile) -> Result<Self> {
+        let ModelFile { path, file } = file;
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader)
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("{} is not a readable GGUF file", path.display()))?;
         Ok(Self {
-            path: path.to_owned(),
+            path,
             content,
             reader,
         })

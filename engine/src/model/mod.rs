@@ -1,15 +1,16 @@
-//! Model files: loading (hash pin first), tokenizer and chat template from the file itself.
+//! Model files: the pinned file, its architecture, tokenizer and chat template. Nothing here
+//! knows how the model is computed (that is `infer`, which builds on this module).
 
+pub mod arch;
 pub mod gguf;
 pub mod template;
 pub mod tokenizer;
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
-use candle_core::Device;
+use anyhow::Result;
 
-use crate::infer::models::llama::{LlamaConfig, LlamaModel, WeightFormat};
+use arch::LlamaConfig;
 use gguf::GgufFile;
 use template::ChatTemplate;
 use tokenizer::ModelTokenizer;
@@ -21,59 +22,6 @@ pub struct ModelInfo {
     pub template: Option<ChatTemplate>,
     pub context_length: usize,
     pub created: u64,
-}
-
-/// Load a pinned GGUF model: hash check, then header, tokenizer, template and weights.
-pub fn load(
-    path: &Path,
-    sha256: &str,
-    name: &str,
-    context_length: Option<usize>,
-    weights: WeightFormat,
-    device: &Device,
-) -> Result<(ModelInfo, LlamaModel)> {
-    // INVARIANT: the hash check inside open_pinned runs before any parser sees the file.
-    let mut gguf = GgufFile::open_pinned(path, sha256)?;
-    let cfg = LlamaConfig::from_gguf(&gguf)?;
-    let ctx = match context_length {
-        Some(n) if n > cfg.context_length => anyhow::bail!(
-            "model.context_length {n} exceeds the model's own context length {}",
-            cfg.context_length
-        ),
-        Some(n) => n,
-        None => cfg.context_length,
-    };
-    let tokenizer = ModelTokenizer::from_gguf(&gguf).context("building the tokenizer")?;
-    let template = match gguf.opt_str("tokenizer.chat_template") {
-        Some(src) => Some(
-            ChatTemplate::new(
-                src,
-                tokenizer
-                    .bos_id
-                    .map(|id| tokenizer.token_text(id))
-                    .unwrap_or_default(),
-                tokenizer.token_text(tokenizer.eos_id),
-            )
-            .context("tokenizer.chat_template")?,
-        ),
-        None => None,
-    };
-    let model = LlamaModel::load(&mut gguf, weights, device, ctx)?;
-    let created = std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_secs());
-    Ok((
-        ModelInfo {
-            name: name.to_owned(),
-            tokenizer,
-            template,
-            context_length: ctx,
-            created,
-        },
-        model,
-    ))
 }
 
 /// `bulwark model inspect`: architecture, tensors and tokenizer summary of a GGUF file.

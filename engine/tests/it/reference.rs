@@ -12,7 +12,8 @@
 use candle_core::Device;
 use serde::Deserialize;
 
-use bulwark::infer::models::llama::{BatchItem, WeightFormat, log_softmax};
+use bulwark::infer::models::llama::{BatchItem, log_softmax};
+use bulwark::model::arch::WeightFormat;
 use bulwark::model::template::ChatMessage;
 
 use crate::util;
@@ -56,8 +57,8 @@ fn load() -> (
     bulwark::model::ModelInfo,
     bulwark::infer::models::llama::LlamaModel,
 ) {
-    bulwark::model::load(
-        &util::model_path(),
+    bulwark::infer::load::load(
+        bulwark::model::gguf::ModelFile::open(&util::model_path()).unwrap(),
         util::MODEL_SHA256,
         "m",
         Some(512),

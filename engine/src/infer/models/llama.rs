@@ -10,90 +10,12 @@
 
 use std::ops::Range;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use crate::model::arch::{LlamaConfig, WeightFormat};
 use crate::model::gguf::GgufFile;
-
-/// How the weights are held in memory for compute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum WeightFormat {
-    /// Dequantize to f32 at load: exact kernels and fast batched GEMM (about 4x the file size
-    /// in memory; 540 MB for the demo model). The default.
-    F32,
-    /// Dequantize to f16: half the memory of f32.
-    F16,
-    /// Keep the file's quantized blocks: least memory; activations are quantized to 8 bits,
-    /// which flips near-tied greedy choices on small models.
-    Quantized,
-}
-
-/// Hyper-parameters read from the GGUF metadata.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct LlamaConfig {
-    pub n_layer: usize,
-    pub n_head: usize,
-    pub n_kv_head: usize,
-    pub hidden: usize,
-    pub ffn: usize,
-    pub head_dim: usize,
-    pub rope_theta: f32,
-    pub rms_eps: f64,
-    pub vocab: usize,
-    pub context_length: usize,
-}
-
-impl LlamaConfig {
-    pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
-        let arch = gguf.get_str("general.architecture")?;
-        if arch != "llama" {
-            bail!("general.architecture is {arch:?}; only \"llama\" models are supported");
-        }
-        let n_head = gguf.get_u32("llama.attention.head_count")? as usize;
-        let hidden = gguf.get_u32("llama.embedding_length")? as usize;
-        ensure!(
-            n_head > 0 && hidden.is_multiple_of(n_head),
-            "embedding_length not divisible by head_count"
-        );
-        let n_kv_head = gguf
-            .opt_u32("llama.attention.head_count_kv")
-            .map_or(n_head, |v| v as usize);
-        ensure!(
-            n_kv_head > 0 && n_head.is_multiple_of(n_kv_head),
-            "head_count not divisible by head_count_kv"
-        );
-        let head_dim = gguf
-            .opt_u32("llama.rope.dimension_count")
-            .map_or(hidden / n_head, |v| v as usize);
-        ensure!(
-            head_dim == hidden / n_head,
-            "partial rotary embeddings are not supported"
-        );
-        if gguf.has_tensor("rope_freqs.weight") {
-            bail!("models with rope frequency factors (rope_freqs.weight) are not supported");
-        }
-        let vocab = match gguf.opt_u32("llama.vocab_size") {
-            Some(v) => v as usize,
-            None => gguf.get_array("tokenizer.ggml.tokens")?.len(),
-        };
-        Ok(Self {
-            n_layer: gguf.get_u32("llama.block_count")? as usize,
-            n_head,
-            n_kv_head,
-            hidden,
-            ffn: gguf.get_u32("llama.feed_forward_length")? as usize,
-            head_dim,
-            rope_theta: gguf.opt_f32("llama.rope.freq_base").unwrap_or(10_000.0),
-            rms_eps: gguf
-                .opt_f32("llama.attention.layer_norm_rms_epsilon")
-                .unwrap_or(1e-5) as f64,
-            vocab,
-            context_length: gguf.opt_u32("llama.context_length").unwrap_or(2048) as usize,
-        })
-    }
-}
 
 fn linear(q: QTensor, format: WeightFormat, device: &Device) -> Result<Linear> {
     Ok(Linear(match (format, q.dtype()) {
@@ -228,19 +150,46 @@ struct Step {
     masks: Vec<Option<Tensor>>,
 }
 
-/// One sequence's part of a batched step.
+/// One sequence's part of a batched step on the whole model (a single node).
 pub struct BatchItem<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut SeqCache,
 }
 
+/// One sequence's part of a step through a stage's layers: how many new rows it contributes
+/// (its position is its cache's length).
+pub struct LayerItem<'a> {
+    pub rows: usize,
+    pub cache: &'a mut SeqCache,
+}
+
+/// What one node runs of the model: the embedding (first stage), a contiguous range of
+/// layers, and the final norm with the LM head (last stage). A single node runs all of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageSpec {
+    pub layers: Range<usize>,
+    pub embed: bool,
+    pub head: bool,
+}
+
+impl StageSpec {
+    pub fn whole(n_layer: usize) -> Self {
+        Self {
+            layers: 0..n_layer,
+            embed: true,
+            head: true,
+        }
+    }
+}
+
 pub struct LlamaModel {
     pub cfg: LlamaConfig,
-    embed: Tensor,
+    /// `[vocab, hidden]`, on the first stage only.
+    embed: Option<Tensor>,
     blocks: Vec<Block>,
-    layers: Range<usize>,
-    norm: Tensor,
-    lm_head: Linear,
+    stage: StageSpec,
+    /// Final norm and LM head, on the last stage only.
+    head: Option<(Tensor, Linear)>,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -256,50 +205,70 @@ impl LlamaModel {
         max_seq_len: usize,
     ) -> Result<Self> {
         let cfg = LlamaConfig::from_gguf(gguf)?;
-        Self::load_layers(
-            gguf,
-            cfg.clone(),
-            0..cfg.n_layer,
-            format,
-            device,
-            max_seq_len,
-        )
+        let stage = StageSpec::whole(cfg.n_layer);
+        Self::load_stage(gguf, stage, format, device, max_seq_len)
     }
 
-    fn load_layers(
+    /// Load only what `stage` runs: a worker holding layers 15..30 never reads the embedding
+    /// unless it is the last stage of a model whose LM head is the embedding (tied weights).
+    pub fn load_stage(
         gguf: &mut GgufFile,
-        cfg: LlamaConfig,
-        layers: Range<usize>,
+        stage: StageSpec,
         format: WeightFormat,
         device: &Device,
         max_seq_len: usize,
     ) -> Result<Self> {
-        let embed_q = gguf.tensor("token_embd.weight", device)?;
+        let cfg = LlamaConfig::from_gguf(gguf)?;
         ensure!(
-            embed_q.shape().dims() == [cfg.vocab, cfg.hidden],
-            "token_embd.weight has shape {:?}, expected [{}, {}]",
-            embed_q.shape().dims(),
-            cfg.vocab,
-            cfg.hidden
+            stage.layers.start <= stage.layers.end && stage.layers.end <= cfg.n_layer,
+            "layers {:?} are outside the model's {} layers",
+            stage.layers,
+            cfg.n_layer
         );
-        let embed = embed_q.dequantize(device)?;
-        // Models without an output head share the embedding matrix (tied weights).
-        let lm_head = if gguf.has_tensor("output.weight") {
-            linear(gguf.tensor("output.weight", device)?, format, device)?
+        let tied = !gguf.has_tensor("output.weight");
+        let embed_q = if stage.embed || (stage.head && tied) {
+            let q = gguf.tensor("token_embd.weight", device)?;
+            ensure!(
+                q.shape().dims() == [cfg.vocab, cfg.hidden],
+                "token_embd.weight has shape {:?}, expected [{}, {}]",
+                q.shape().dims(),
+                cfg.vocab,
+                cfg.hidden
+            );
+            Some(q)
         } else {
-            match format {
-                WeightFormat::F16 => Linear(QMatMul::TensorF16(embed.to_dtype(DType::F16)?)),
-                WeightFormat::F32 => Linear(QMatMul::Tensor(embed.clone())),
-                WeightFormat::Quantized => Linear(QMatMul::QTensor(std::sync::Arc::new(embed_q))),
-            }
+            None
         };
-        let blocks = layers
+        let embed = match (&embed_q, stage.embed) {
+            (Some(q), true) => Some(q.dequantize(device)?),
+            _ => None,
+        };
+        let head = if stage.head {
+            // Models without an output head share the embedding matrix (tied weights).
+            let lm_head = match embed_q {
+                Some(q) if tied => match format {
+                    WeightFormat::F16 => Linear(QMatMul::TensorF16(q.dequantize_f16(device)?)),
+                    // Shares the embedding's memory when this stage holds both.
+                    WeightFormat::F32 => Linear(QMatMul::Tensor(match &embed {
+                        Some(e) => e.clone(),
+                        None => q.dequantize(device)?,
+                    })),
+                    WeightFormat::Quantized => Linear(QMatMul::QTensor(std::sync::Arc::new(q))),
+                },
+                _ => linear(gguf.tensor("output.weight", device)?, format, device)?,
+            };
+            let norm = gguf
+                .tensor("output_norm.weight", device)?
+                .dequantize(device)?;
+            Some((norm, lm_head))
+        } else {
+            None
+        };
+        let blocks = stage
+            .layers
             .clone()
             .map(|i| Block::load(gguf, i, format, device))
             .collect::<Result<Vec<_>>>()?;
-        let norm = gguf
-            .tensor("output_norm.weight", device)?
-            .dequantize(device)?;
 
         let half = cfg.head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
@@ -316,9 +285,8 @@ impl LlamaModel {
             cfg,
             embed,
             blocks,
-            layers,
-            norm,
-            lm_head,
+            stage,
+            head,
             device: device.clone(),
             weight_format: format,
         })
@@ -328,6 +296,14 @@ impl LlamaModel {
         self.cos.dim(0).unwrap_or(0)
     }
 
+    pub fn stage(&self) -> &StageSpec {
+        &self.stage
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     pub fn new_cache(&self) -> SeqCache {
         SeqCache {
             layers: (0..self.blocks.len()).map(|_| None).collect(),
@@ -335,29 +311,56 @@ impl LlamaModel {
         }
     }
 
-    /// Run one batched step; returns the next-token logits (f32, `vocab` long) for the last
-    /// token of every item, in order. Advances every item's cache.
+    /// Run one batched step through the whole model; returns the next-token logits (f32,
+    /// `vocab` long) for the last token of every item, in order. Advances every item's cache.
     pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>> {
         ensure!(!items.is_empty(), "empty batch");
-        let mut ids = Vec::new();
-        let mut positions = Vec::new();
-        let mut last_rows = Vec::with_capacity(items.len());
+        let ids: Vec<u32> = items.iter().flat_map(|it| it.tokens.iter().copied()).collect();
+        let x = self.embed(&ids)?;
+        let mut layer_items: Vec<LayerItem<'_>> = items
+            .iter_mut()
+            .map(|it| LayerItem {
+                rows: it.tokens.len(),
+                cache: &mut *it.cache,
+            })
+            .collect();
+        let x = self.run_layers(x, &mut layer_items)?;
+        self.logits(&x, &last_rows(layer_items.iter().map(|it| it.rows)))
+    }
+
+    /// The embedding rows of `ids` (first stage only): `[ids.len(), hidden]`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let embed = self
+            .embed
+            .as_ref()
+            .context("this stage does not hold the embedding")?;
+        let n = ids.len();
+        let ids_t = Tensor::from_vec(ids.to_vec(), n, &self.device)?;
+        Ok(embed.index_select(&ids_t, 0)?)
+    }
+
+    /// Run this stage's layers over the packed rows `x` (`[rows, hidden]`, items in order);
+    /// advances every item's cache by its rows.
+    pub fn run_layers(&self, x: Tensor, items: &mut [LayerItem<'_>]) -> Result<Tensor> {
+        ensure!(!items.is_empty(), "empty batch");
+        let rows: usize = items.iter().map(|it| it.rows).sum();
+        ensure!(
+            x.dims() == [rows, self.cfg.hidden],
+            "hidden states of shape {:?} for {rows} rows of {}",
+            x.dims(),
+            self.cfg.hidden
+        );
+        let mut positions = Vec::with_capacity(rows);
         for it in items.iter() {
-            ensure!(!it.tokens.is_empty(), "batch item without tokens");
+            ensure!(it.rows > 0, "batch item without tokens");
             ensure!(
-                it.cache.len() + it.tokens.len() <= self.max_seq_len(),
+                it.cache.len() + it.rows <= self.max_seq_len(),
                 "sequence exceeds the context length {}",
                 self.max_seq_len()
             );
-            for (j, &t) in it.tokens.iter().enumerate() {
-                ids.push(t);
-                positions.push((it.cache.len() + j) as u32);
-            }
-            last_rows.push((ids.len() - 1) as u32);
+            positions.extend((0..it.rows).map(|j| (it.cache.len() + j) as u32));
         }
-        let n = ids.len();
-        let ids_t = Tensor::from_vec(ids, n, &self.device)?;
-        let pos_t = Tensor::from_vec(positions, n, &self.device)?;
+        let pos_t = Tensor::from_vec(positions, rows, &self.device)?;
         let cos = self.cos.index_select(&pos_t, 0)?.contiguous()?;
         let sin = self.sin.index_select(&pos_t, 0)?.contiguous()?;
 
@@ -365,7 +368,7 @@ impl LlamaModel {
         let masks = items
             .iter()
             .map(|it| {
-                let (t, past) = (it.tokens.len(), it.cache.len());
+                let (t, past) = (it.rows, it.cache.len());
                 if t == 1 {
                     return Ok(None);
                 }
@@ -379,17 +382,26 @@ impl LlamaModel {
             })
             .collect::<Result<Vec<_>>>()?;
         let step = Step { cos, sin, masks };
-        let mut x = self.embed.index_select(&ids_t, 0)?;
+        let mut x = x;
         for (li, block) in self.blocks.iter().enumerate() {
             x = self.block_forward(block, li, &x, &step, items)?;
         }
         for it in items.iter_mut() {
-            it.cache.len += it.tokens.len();
+            it.cache.len += it.rows;
         }
-        let last = Tensor::from_vec(last_rows, items.len(), &self.device)?;
-        let x = x.index_select(&last, 0)?;
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_eps as f32)?;
-        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        Ok(x)
+    }
+
+    /// Final norm and LM head (last stage only) on the given rows of `x`: one logits row each.
+    pub fn logits(&self, x: &Tensor, rows: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let (norm, lm_head) = self
+            .head
+            .as_ref()
+            .context("this stage does not hold the LM head")?;
+        let idx = Tensor::from_vec(rows.to_vec(), rows.len(), &self.device)?;
+        let x = x.index_select(&idx, 0)?;
+        let x = candle_nn::ops::rms_norm(&x, norm, self.cfg.rms_eps as f32)?;
+        let logits = lm_head.forward(&x)?.to_dtype(DType::F32)?;
         Ok(logits.to_vec2::<f32>()?)
     }
 
@@ -399,7 +411,7 @@ impl LlamaModel {
         layer: usize,
         x: &Tensor,
         step: &Step,
-        items: &mut [BatchItem<'_>],
+        items: &mut [LayerItem<'_>],
     ) -> Result<Tensor> {
         let (cos, sin, masks) = (&step.cos, &step.sin, &step.masks);
         let c = &self.cfg;
@@ -423,7 +435,7 @@ impl LlamaModel {
         let mut outs = Vec::with_capacity(items.len());
         let mut row = 0;
         for (i, it) in items.iter_mut().enumerate() {
-            let t = it.tokens.len();
+            let t = it.rows;
             let past = it.cache.len();
             let (kc, vc) = it.cache.append(
                 layer,
@@ -468,8 +480,18 @@ impl LlamaModel {
 
     /// Layers held by this instance (all of them on a single node).
     pub fn layer_range(&self) -> Range<usize> {
-        self.layers.clone()
+        self.stage.layers.clone()
     }
+}
+
+/// The index of each item's last row in a packed batch: the rows whose logits are sampled.
+pub fn last_rows(rows: impl Iterator<Item = usize>) -> Vec<u32> {
+    let mut end = 0u32;
+    rows.map(|r| {
+        end += r as u32;
+        end - 1
+    })
+    .collect()
 }
 
 /// log-softmax of one row of logits, in f64 for stable small probabilities.

@@ -1,0 +1,83 @@
+//! Loading a pinned model file into what serves it: the API's view (tokenizer, template,
+//! limits) and the compute graph of the stage this node runs.
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+
+use super::models::llama::{LlamaModel, StageSpec};
+use crate::model::ModelInfo;
+use crate::model::arch::{LlamaConfig, WeightFormat};
+use crate::model::gguf::{GgufFile, ModelFile};
+use crate::model::template::ChatTemplate;
+use crate::model::tokenizer::ModelTokenizer;
+
+/// Load a pinned GGUF model: hash check, then header, tokenizer, template and weights.
+pub fn load(
+    file: ModelFile,
+    sha256: &str,
+    name: &str,
+    context_length: Option<usize>,
+    weights: WeightFormat,
+    device: &Device,
+) -> Result<(ModelInfo, LlamaModel)> {
+    // INVARIANT: the hash check inside open_pinned runs before any parser sees the file.
+    let created = file.modified_secs();
+    let mut gguf = GgufFile::open_pinned(file, sha256)?;
+    let cfg = LlamaConfig::from_gguf(&gguf)?;
+    let ctx = context_window(context_length, &cfg)?;
+    let tokenizer = ModelTokenizer::from_gguf(&gguf).context("building the tokenizer")?;
+    let template = match gguf.opt_str("tokenizer.chat_template") {
+        Some(src) => Some(
+            ChatTemplate::new(
+                src,
+                tokenizer
+                    .bos_id
+                    .map(|id| tokenizer.token_text(id))
+                    .unwrap_or_default(),
+                tokenizer.token_text(tokenizer.eos_id),
+            )
+            .context("tokenizer.chat_template")?,
+        ),
+        None => None,
+    };
+    let model = LlamaModel::load(&mut gguf, weights, device, ctx)?;
+    Ok((
+        ModelInfo {
+            name: name.to_owned(),
+            tokenizer,
+            template,
+            context_length: ctx,
+            created,
+        },
+        model,
+    ))
+}
+
+
+/// Load a pinned GGUF model for a worker stage: the hash check, the header and only the
+/// tensors of `stage`. A worker needs neither the tokenizer nor the template.
+pub fn load_stage(
+    file: ModelFile,
+    sha256: &str,
+    stage: StageSpec,
+    context_length: Option<usize>,
+    weights: WeightFormat,
+    device: &Device,
+) -> Result<LlamaModel> {
+    // INVARIANT: the hash check inside open_pinned runs before any parser sees the file.
+    let mut gguf = GgufFile::open_pinned(file, sha256)?;
+    let cfg = LlamaConfig::from_gguf(&gguf)?;
+    let ctx = context_window(context_length, &cfg)?;
+    LlamaModel::load_stage(&mut gguf, stage, weights, device, ctx)
+}
+
+fn context_window(configured: Option<usize>, cfg: &LlamaConfig) -> Result<usize> {
+    match configured {
+        Some(n) if n > cfg.context_length => anyhow::bail!(
+            "model.context_length {n} exceeds the model's own context length {}",
+            cfg.context_length
+        ),
+        Some(n) => Ok(n),
+        None => Ok(cfg.context_length),
+    }
+}
