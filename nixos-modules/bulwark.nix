@@ -37,6 +37,20 @@ let
   inCluster = role != null;
 
   portOf = listen: lib.toInt (lib.last (lib.splitString ":" listen));
+  hostOf =
+    listen:
+    lib.removePrefix "[" (lib.removeSuffix "]" (lib.concatStringsSep ":" (lib.init (lib.splitString ":" listen))));
+
+  # The addresses the server may exchange packets with (IPAddressAllow; cgroup BPF, on top of
+  # the generated table): its peers, the API's sources (any when not restricted), loopback.
+  apiSources = cfg.settings.firewall.api_sources or [ ];
+  peers =
+    if isWorker then
+      [ cfg.settings.cluster.head_address ]
+    else
+      map (stage: hostOf stage.address) (cfg.settings.cluster.stages or [ ]);
+  ipAddressAllow =
+    [ "localhost" ] ++ peers ++ lib.optionals (!isWorker) (if apiSources == [ ] then [ "any" ] else apiSources);
   apiPort = portOf cfg.settings.server.listen;
   clusterPort = portOf cfg.settings.cluster.listen;
 
@@ -55,13 +69,29 @@ let
   # the world-readable store, the very thing the assertion below refuses.
   inStore = p: lib.hasPrefix "${builtins.storeDir}/" (toString p);
 
-  # TOML has no null: drop unset typed options, a worker's [server] and an unused [cluster].
+  # What the module itself writes into the configuration: the credential paths. Computed
+  # here rather than defined into `settings`, whose cluster.role it depends on.
   dropNulls = lib.filterAttrsRecursive (_: v: v != null);
-  rendered =
-    let
-      s = dropNulls cfg.settings;
-    in
-    builtins.removeAttrs s (lib.optional isWorker "server" ++ lib.optional (!inCluster) "cluster");
+  managed =
+    lib.optionalAttrs (!isWorker) {
+      server = dropNulls {
+        tls_cert = if cfg.tls.certificateFile != null then credential "tls-cert" else null;
+        tls_key = if cfg.tls.keyFile != null then credential "tls-key" else null;
+        client_ca = if cfg.tls.clientCaFile != null then credential "client-ca" else null;
+        keys_file = if cfg.apiKeysFile != null then credential "keys" else null;
+      };
+    }
+    // lib.optionalAttrs inCluster {
+      cluster = {
+        ca = credential "cluster-ca";
+        cert = credential "cluster-cert";
+        key = credential "cluster-key";
+      };
+    };
+  # TOML has no null: drop unset typed options, a worker's [server] and an unused [cluster].
+  rendered = lib.recursiveUpdate (builtins.removeAttrs (dropNulls cfg.settings) (
+    lib.optional isWorker "server" ++ lib.optional (!inCluster) "cluster"
+  )) managed;
 
   # The checked configuration (nixpkgs atticd's checkedConfigFile): the build fails, naming the
   # key and the reason, when the server would refuse it.
@@ -78,6 +108,7 @@ let
       '';
 
   bulwarkExe = lib.getExe cfg.package;
+  rootDirectory = "/run/bulwark";
 in
 {
   options.services.bulwark = {
@@ -321,22 +352,11 @@ in
     );
 
     services.bulwark.settings = {
-      server = mkIf (!isWorker) {
-        tls_cert = mkIf (cfg.tls.certificateFile != null) (credential "tls-cert");
-        tls_key = mkIf (cfg.tls.keyFile != null) (credential "tls-key");
-        client_ca = mkIf (cfg.tls.clientCaFile != null) (credential "client-ca");
-        keys_file = mkIf (cfg.apiKeysFile != null) (credential "keys");
-      };
       model = {
         # Interpolated, so that a local file is copied into the store and the model is part of
         # the system's closure (it is public; only secrets must stay out).
         path = "${cfg.model.file}";
         inherit (cfg.model) sha256 name;
-      };
-      cluster = mkIf inCluster {
-        ca = credential "cluster-ca";
-        cert = credential "cluster-cert";
-        key = credential "cluster-key";
       };
       # Used only when the server is started as root (it is not, here); kept equal to the
       # service's user so the configuration means the same thing when run by hand.
@@ -434,17 +454,31 @@ in
         TimeoutStartSec = 300;
 
         # Hardening, on top of the server's own Landlock and seccomp confinement
-        # (docs/landlock.md, docs/seccomp.md). Alphabetical; each relaxation says why.
+        # (docs/landlock.md, docs/seccomp.md). One block, alphabetical; each relaxation or
+        # non-obvious value says why. Scored by scripts/nix-check.sh (systemd-analyze
+        # security --offline), at most 1.0 for a CPU node.
         AmbientCapabilities = "";
+        # An empty root with only the store (binary, model, configuration) bound read-only;
+        # systemd mounts the credentials, /proc, /sys and a private /dev into it.
+        BindReadOnlyPaths = [ builtins.storeDir ];
         CapabilityBoundingSet = "";
         DevicePolicy = "closed";
+        # The root directory itself is not reachable from inside.
+        InaccessiblePaths = [ "-+${rootDirectory}" ];
+        # Loopback, the peers and the API's sources: any, unless firewall.api_sources is set
+        # (a worker: its head only). The generated table is the finer filter.
+        IPAddressAllow = ipAddressAllow;
+        IPAddressDeny = "any";
         KeyringMode = "private";
         LockPersonality = true;
         MemoryDenyWriteExecute = true;
+        MountAPIVFS = true;
         NoNewPrivileges = true;
         PrivateDevices = true;
         PrivateIPC = true;
         PrivateMounts = true;
+        # No PrivateNetwork: the server listens on the host's addresses (the API, a
+        # worker's cluster port).
         PrivateTmp = true;
         PrivateUsers = true;
         ProcSubset = "pid";
@@ -459,18 +493,24 @@ in
         ProtectSystem = "strict";
         RemoveIPC = true;
         RestrictAddressFamilies = [
+          # TCP only (the API, the cluster); no AF_UNIX, no netlink.
           "AF_INET"
           "AF_INET6"
         ];
         RestrictNamespaces = true;
         RestrictRealtime = true;
         RestrictSUIDSGID = true;
+        RootDirectory = rootDirectory;
+        RuntimeDirectory = baseNameOf rootDirectory;
+        RuntimeDirectoryMode = "0700";
         SystemCallArchitectures = "native";
         SystemCallErrorNumber = "EPERM";
         SystemCallFilter = [
+          # @system-service includes capset (of @privileged, the one group left allowed): the
+          # server empties its capability sets itself before serving and refuses to start if
+          # it cannot.
           "@system-service"
-          # The server confines itself: it installs its own (narrower) seccomp filter and
-          # Landlock rules, and empties its capability sets (capset) before serving.
+          # The server confines itself: its own, narrower seccomp filter and Landlock rules.
           "seccomp"
           "landlock_create_ruleset"
           "landlock_add_rule"
