@@ -142,18 +142,19 @@ def check(e):
             )
             eventually(machine, f'test "$({request})" = 503 && jq -e .error.message /tmp/body', within)
         elif result == "same-tokens":
-            prompt = e.get("prompt", DEFAULT_PROMPT)
-            expected = reference_tokens(dst["name"], prompt)
-            request = as_user(
-                who,
-                curl(host, port, "/v1/chat/completions", key_of=dst["name"], body=chat_body(prompt)),
-            )
-            got = eventually(
-                machine,
-                f'test "$({request})" = 200 && jq -er ".choices[0].message.content" /tmp/body',
-                within,
-            )
-            assert got == expected, f"multi-node answer {got!r} differs from single-node {expected!r}"
+            prompts = e.get("prompts", [e.get("prompt", DEFAULT_PROMPT)])
+            for prompt in prompts:
+                expected = reference_tokens(dst["name"], prompt)
+                request = as_user(
+                    who,
+                    curl(host, port, "/v1/chat/completions", key_of=dst["name"], body=chat_body(prompt)),
+                )
+                got = eventually(
+                    machine,
+                    f'test "$({request})" = 200 && jq -er ".choices[0].message.content" /tmp/body',
+                    within,
+                )
+                assert got == expected, f"{prompt!r}: multi-node answer {got!r} differs from single-node {expected!r}"
         else:
             raise ValueError(f"result = {result!r} is not one of the topology format's results")
 
