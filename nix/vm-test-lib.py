@@ -9,7 +9,7 @@ NODES = {n["name"]: n for n in TOPOLOGY["nodes"]}
 ENGINE_ROLES = ("engine", "head", "worker")
 CONNECT_TIMEOUT = 2
 DEFAULT_PROMPT = "What is the capital of France?"
-_reference = {}
+_reference: dict = {}
 
 
 def port_of(node, name):
@@ -38,16 +38,21 @@ def api_key_of(node):
     return f"$(cat {SECRETS}/{node}/api-key)"
 
 
-def curl(host, port, path, key_of=None, body=None):
+def body_file(who):
+    return f"/tmp/body-{who}"
+
+
+def curl(who, host, port, path, key_of=None, body=None):
+    """An HTTPS request as `who`; prints the status, leaves the body in body_file(who)."""
     cmd = (
         f"curl --silent --show-error --max-time 60 --cacert {api_ca()}"
-        f" -o /tmp/body -w '%{{http_code}}' https://{host}:{port}{path}"
+        f" -o {body_file(who)} -w '%{{http_code}}' https://{host}:{port}{path}"
     )
     if key_of is not None:
         cmd += f' -H "Authorization: Bearer {api_key_of(key_of)}"'
     if body is not None:
         cmd += f" -H 'Content-Type: application/json' --data {shlex.quote(body)}"
-    return cmd
+    return as_user(who, cmd)
 
 
 def chat_body(prompt):
@@ -132,26 +137,20 @@ def check(e):
                 probe += f" {cert_dir}/cert.pem {cert_dir}/key.pem"
             eventually(machine, as_user(who, probe), within)
         elif result == "auth-required":
-            anonymous = as_user(who, curl(host, port, "/v1/models"))
-            keyed = as_user(who, curl(host, port, "/v1/models", key_of=dst["name"]))
+            anonymous = curl(who, host, port, "/v1/models")
+            keyed = curl(who, host, port, "/v1/models", key_of=dst["name"])
             eventually(machine, f'test "$({anonymous})" = 401 && test "$({keyed})" = 200', within)
         elif result == "unavailable":
-            request = as_user(
-                who,
-                curl(host, port, "/v1/chat/completions", key_of=dst["name"], body=chat_body(DEFAULT_PROMPT)),
-            )
-            eventually(machine, f'test "$({request})" = 503 && jq -e .error.message /tmp/body', within)
+            request = curl(who, host, port, "/v1/chat/completions", key_of=dst["name"], body=chat_body(DEFAULT_PROMPT))
+            eventually(machine, f'test "$({request})" = 503 && jq -e .error.message {body_file(who)}', within)
         elif result == "same-tokens":
             prompts = e.get("prompts", [e.get("prompt", DEFAULT_PROMPT)])
             for prompt in prompts:
                 expected = reference_tokens(dst["name"], prompt)
-                request = as_user(
-                    who,
-                    curl(host, port, "/v1/chat/completions", key_of=dst["name"], body=chat_body(prompt)),
-                )
+                request = curl(who, host, port, "/v1/chat/completions", key_of=dst["name"], body=chat_body(prompt))
                 got = eventually(
                     machine,
-                    f'test "$({request})" = 200 && jq -er ".choices[0].message.content" /tmp/body',
+                    f'test "$({request})" = 200 && jq -er ".choices[0].message.content" {body_file(who)}',
                     within,
                 )
                 assert got == expected, f"{prompt!r}: multi-node answer {got!r} differs from single-node {expected!r}"

@@ -465,10 +465,11 @@ in
         DevicePolicy = "closed";
         # The root directory itself is not reachable from inside.
         InaccessiblePaths = [ "-+${rootDirectory}" ];
-        # Loopback, the peers and the API's sources: any, unless firewall.api_sources is set
-        # (a worker: its head only). The generated table is the finer filter.
-        IPAddressAllow = ipAddressAllow;
-        IPAddressDeny = "any";
+        # With the generated firewall: loopback, the peers and the API's sources (any, unless
+        # firewall.api_sources is set; a worker: its head only). Without it (applyFirewall =
+        # false) nothing filters by address, so the server's own checks face the network.
+        IPAddressAllow = mkIf cfg.applyFirewall ipAddressAllow;
+        IPAddressDeny = mkIf cfg.applyFirewall "any";
         KeyringMode = "private";
         LockPersonality = true;
         MemoryDenyWriteExecute = true;

@@ -50,7 +50,7 @@ LIB_STEPS=(
   "module: services.bulwark evaluates (single, head, worker)"
   "module: bad settings fail (misspelled option, secrets in the store, ...)"
   "vm tests: every topology's nodes evaluate"
-  "vm tests: every testScript passes pyflakes with the driver's globals"
+  "vm tests: every testScript (topologies and scenarios) passes pyflakes with the driver's globals"
   "vm tests: pyflakes catches a misspelled machine name"
   "module: rendered configuration passes bulwark check-config"
   "module: the firewall it applies passes nft -c"
@@ -86,6 +86,15 @@ else
       "${NIX[@]}" --eval --strict --json nix/tests/eval-vm-test.nix "${LIB[@]}" --arg topologyFile "./$t"
     "${NIX[@]}" --eval --strict --json nix/tests/eval-vm-test.nix "${LIB[@]}" --arg topologyFile "./$t" >"$WORK/vm-$name.json" 2>/dev/null
     check "vm test $name: testScript passes pyflakes" "$PY" nix/tests/check-testscript.py "$WORK/vm-$name.json"
+  done
+  for f in vm-tests/*.nix; do
+    [ -e "$f" ] || continue
+    name=$(basename "$f" .nix)
+    if "${NIX[@]}" --eval --strict --json nix/tests/eval-scenario.nix "${LIB[@]}" --arg file "./$f" >"$WORK/scenario-$name.json" 2>"$WORK/err"; then
+      check "vm test $name (scenario): testScript passes pyflakes" "$PY" nix/tests/check-testscript.py "$WORK/scenario-$name.json"
+    else
+      fail "vm test $name (scenario): evaluates" "$(cat "$WORK/err")"
+    fi
   done
   # The lint must be able to fail: a machine that does not exist.
   first=$(ls vm-tests/topologies/*.toml | head -1)
