@@ -43,10 +43,10 @@
       };
 
       nixosConfigurations.appliance = nixpkgs.lib.nixosSystem {
-        inherit system;
         modules = [
           self.nixosModules.bulwark
           self.nixosModules.appliance
+          { nixpkgs.hostPlatform = system; }
         ];
       };
 
