@@ -44,13 +44,18 @@ let
   # The addresses the server may exchange packets with (IPAddressAllow; cgroup BPF, on top of
   # the generated table): its peers, the API's sources (any when not restricted), loopback.
   apiSources = cfg.settings.firewall.api_sources or [ ];
+  # The server's own listening address: a local client connecting to it comes from it.
+  ownListen = if isWorker then cfg.settings.cluster.listen else cfg.settings.server.listen;
+  ownAddress = lib.optional (
+    ownListen != null && !(lib.elem (hostOf ownListen) [ "0.0.0.0" "::" ])
+  ) (hostOf ownListen);
   peers =
     if isWorker then
       [ cfg.settings.cluster.head_address ]
     else
       map (stage: hostOf stage.address) (cfg.settings.cluster.stages or [ ]);
   ipAddressAllow =
-    [ "localhost" ] ++ peers ++ lib.optionals (!isWorker) (if apiSources == [ ] then [ "any" ] else apiSources);
+    [ "localhost" ] ++ ownAddress ++ peers ++ lib.optionals (!isWorker) (if apiSources == [ ] then [ "any" ] else apiSources);
   apiPort = portOf cfg.settings.server.listen;
   clusterPort = portOf cfg.settings.cluster.listen;
 
