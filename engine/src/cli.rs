@@ -85,6 +85,32 @@ pub enum Command {
         #[command(subcommand)]
         command: ModelCommand,
     },
+    /// The cluster's CA and node certificates (docs/cluster.md).
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CertsCommand {
+    /// Make a new cluster CA in DIR: ca.pem and ca.key (0600).
+    Ca {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a node certificate (server and client) signed by the CA in --ca-dir: OUT/cert.pem
+    /// and OUT/key.pem (0600), with NODE as its DNS name and every --ip as an IP name.
+    Issue {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long = "ip")]
+        ips: Vec<std::net::IpAddr>,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]

@@ -8,12 +8,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::config::{ClusterConfig, Role};
 use crate::model::arch::WeightFormat;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    pub server: ServerConfig,
+    /// The API. Required except on a cluster worker, which serves no API at all.
+    pub server: Option<ServerConfig>,
     pub model: ModelConfig,
     #[serde(default)]
     pub limits: Limits,
@@ -27,6 +29,8 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     #[serde(default)]
     pub firewall: FirewallConfig,
+    /// Multi-node pipeline (docs/cluster.md); absent on a single node.
+    pub cluster: Option<ClusterConfig>,
     /// Where the file was read from; relative paths resolve against its directory.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -274,8 +278,34 @@ impl Config {
         }
     }
 
+    /// The API section; present on every node but a cluster worker (checked by `validate`).
+    pub fn api(&self) -> Result<&ServerConfig> {
+        self.server
+            .as_ref()
+            .context("[server] is required (only a cluster worker has none)")
+    }
+
+    /// The node's cluster role, if it is part of a cluster.
+    pub fn role(&self) -> Option<Role> {
+        self.cluster.as_ref().map(|c| c.role)
+    }
+
     pub fn validate(&self) -> Result<()> {
-        let s = &self.server;
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+        }
+        match (&self.server, self.role()) {
+            (Some(_), Some(Role::Worker)) => bail!(
+                "[server] must be absent on a cluster worker: a worker serves no API                  (cluster.role = \"worker\")"
+            ),
+            (Some(s), _) => self.validate_server(s)?,
+            (None, Some(Role::Worker)) => {}
+            (None, _) => bail!("[server] is required (only a cluster worker has none)"),
+        }
+        self.validate_rest()
+    }
+
+    fn validate_server(&self, s: &ServerConfig) -> Result<()> {
         if s.plaintext {
             ensure!(
                 s.listen.ip().is_loopback(),
@@ -300,6 +330,16 @@ impl Config {
         for o in &s.cors_origins {
             validate_origin(o).with_context(|| format!("server.cors_origins entry {o:?}"))?;
         }
+        if let Some(addr) = self.metrics.listen {
+            ensure!(
+                addr != s.listen,
+                "metrics.listen must differ from server.listen"
+            );
+        }
+        Ok(())
+    }
+
+    fn validate_rest(&self) -> Result<()> {
         let m = &self.model;
         ensure!(
             m.sha256.len() == 64 && m.sha256.chars().all(|c| c.is_ascii_hexdigit()),
@@ -401,10 +441,12 @@ impl Config {
                 "metrics.listen {addr} is not loopback; metrics carry operational data, set \
                  metrics.allow_non_loopback = true to expose them deliberately"
             );
-            ensure!(
-                addr != s.listen,
-                "metrics.listen must differ from server.listen"
-            );
+            if let Some(listen) = self.cluster.as_ref().and_then(|c| c.listen) {
+                ensure!(
+                    addr != listen,
+                    "metrics.listen must differ from cluster.listen"
+                );
+            }
         }
         Ok(())
     }

@@ -5,8 +5,8 @@ use anyhow::{Context, Result};
 
 use crate::config::{Config, SandboxEnforcement};
 
-/// The policy for a single-node CPU server: no path at all (the model file was opened before
-/// and is parsed through its descriptor), no new port, no outgoing connection.
+/// The policy for a CPU node: no path at all (the model file was opened before and is parsed
+/// through its descriptor), no new port, and outgoing connections only to a head's stages.
 pub fn policy(cfg: &Config) -> Result<sandbox::Policy> {
     let user = if sandbox::running_as_root() {
         let (uid, gid) = sandbox::resolve_user(&cfg.sandbox.user, &cfg.sandbox.group)
@@ -65,10 +65,17 @@ pub fn policy(cfg: &Config) -> Result<sandbox::Policy> {
     } else {
         Vec::new()
     };
+    // A cluster head connects to its stages' ports and nowhere else; a worker dials nothing.
+    let connect_tcp = cfg
+        .cluster
+        .iter()
+        .flat_map(|c| c.stages.iter())
+        .map(|s| s.address.port())
+        .collect();
     Ok(sandbox::Policy {
         fs,
         bind_tcp: Vec::new(),
-        connect_tcp: Vec::new(),
+        connect_tcp,
         user,
         enforcement: match cfg.sandbox.enforcement {
             SandboxEnforcement::Required => sandbox::Enforcement::Required,

@@ -21,7 +21,7 @@ pub fn policy(cfg: &Config) -> Result<firewall::Policy> {
     let f = &cfg.firewall;
     Ok(firewall::Policy {
         table: f.table.clone(),
-        api_port: cfg.server.listen.port(),
+        api_port: cfg.server.as_ref().map(|s| s.listen.port()),
         api_sources: f
             .api_sources
             .iter()
@@ -31,13 +31,34 @@ pub fn policy(cfg: &Config) -> Result<firewall::Policy> {
             per_second: f.api_new_connections_per_second,
             burst: f.api_new_connections_burst,
         }),
-        internal: Vec::new(),
+        internal: internal_ports(cfg),
         metrics_port: cfg.metrics.listen.map(|a| a.port()),
         egress: Some(firewall::Egress {
             uid,
-            peers: Vec::new(),
+            peers: egress_peers(cfg),
         }),
     })
+}
+
+/// A worker's internal port, open to its head's address only.
+fn internal_ports(cfg: &Config) -> Vec<firewall::InternalPort> {
+    match cfg.cluster.as_ref().and_then(|c| c.worker_peer()) {
+        Some(w) => vec![firewall::InternalPort {
+            name: "cluster".into(),
+            port: w.listen.port(),
+            peers: vec![w.head_address],
+        }],
+        None => Vec::new(),
+    }
+}
+
+/// The head's stages: the only destinations the engine's user may connect to.
+fn egress_peers(cfg: &Config) -> Vec<(std::net::IpAddr, u16)> {
+    cfg.cluster
+        .iter()
+        .flat_map(|c| c.stages.iter())
+        .map(|s| (s.address.ip(), s.address.port()))
+        .collect()
 }
 
 pub fn print(cfg: &Config, json: bool) -> Result<()> {
@@ -199,7 +220,7 @@ mod tests {
     #[test]
     fn policy_follows_the_configuration() {
         let p = policy(&config("[metrics]\nlisten = \"127.0.0.1:9999\"\n[firewall]\napi_sources = [\"10.1.0.0/16\"]\napi_new_connections_per_second = 0\nengine_user = \"4242\"\n")).unwrap();
-        assert_eq!(p.api_port, 8443);
+        assert_eq!(p.api_port, Some(8443));
         assert_eq!(p.metrics_port, Some(9999));
         assert_eq!(p.api_sources, vec!["10.1.0.0/16".parse().unwrap()]);
         assert_eq!(p.api_rate, None, "0 disables the rate limit");
@@ -217,6 +238,52 @@ mod tests {
             })
         );
         assert_eq!(p.egress.unwrap().uid, 65534, "sandbox.user by default");
+    }
+
+    const CLUSTER_FILES: &str = "ca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+
+    #[test]
+    fn worker_opens_its_cluster_port_to_the_head_only_and_no_api() {
+        let text = format!(
+            "[model]\npath = \"m\"\nsha256 = \"{}\"\nname = \"m\"\n[sandbox]\nuser = \"65534\"\ngroup = \"65534\"\n\
+             [cluster]\nrole = \"worker\"\nname = \"worker-1\"\n{CLUSTER_FILES}layers = [15, 30]\n\
+             listen = \"10.89.0.11:7070\"\nhead_name = \"head\"\nhead_address = \"10.89.0.10\"\n",
+            "0".repeat(64)
+        );
+        let cfg: Config = toml::from_str(&text).unwrap();
+        cfg.validate().unwrap();
+        let p = policy(&cfg).unwrap();
+        assert_eq!(p.api_port, None);
+        assert_eq!(p.internal.len(), 1);
+        assert_eq!(p.internal[0].port, 7070);
+        assert_eq!(
+            p.internal[0].peers,
+            vec!["10.89.0.10".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert!(
+            p.egress.as_ref().unwrap().peers.is_empty(),
+            "a worker dials nothing"
+        );
+        let nft = p.render().unwrap().to_nft();
+        assert!(!nft.contains("8443"), "{nft}");
+    }
+
+    #[test]
+    fn head_egress_goes_to_its_stages_only() {
+        let cfg = config(&format!(
+            "[cluster]\nrole = \"head\"\nname = \"head\"\n{CLUSTER_FILES}layers = [0, 8]\n\
+             [[cluster.stages]]\nname = \"w1\"\naddress = \"10.0.0.2:7070\"\nlayers = [8, 20]\n\
+             [[cluster.stages]]\nname = \"w2\"\naddress = \"10.0.0.3:7071\"\nlayers = [20, 30]\n"
+        ));
+        let p = policy(&cfg).unwrap();
+        assert_eq!(
+            p.egress.unwrap().peers,
+            vec![
+                ("10.0.0.2".parse().unwrap(), 7070),
+                ("10.0.0.3".parse().unwrap(), 7071)
+            ]
+        );
+        assert!(p.internal.is_empty());
     }
 
     #[test]

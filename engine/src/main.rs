@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 
 use bulwark::cli::{
-    AuditFormat, Cli, Command, FirewallCommand, FirewallFormat, KeysCommand, ModelCommand,
+    AuditFormat, CertsCommand, Cli, Command, FirewallCommand, FirewallFormat, KeysCommand,
+    ModelCommand,
 };
 use bulwark::config::{Config, LogFormat};
 
@@ -135,6 +136,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             print!("{}", bulwark::model::inspect(&file)?);
         }
+        Command::Certs {
+            command: CertsCommand::Ca { dir },
+        } => {
+            bulwark::certs::make_cluster_ca(&dir)?;
+            eprintln!(
+                "cluster CA written to {}: ca.pem, ca.key (keep ca.key offline)",
+                dir.display()
+            );
+        }
+        Command::Certs {
+            command:
+                CertsCommand::Issue {
+                    ca_dir,
+                    name,
+                    ips,
+                    out,
+                },
+        } => {
+            bulwark::certs::issue_node_cert(&ca_dir, &name, &ips, &out)?;
+            eprintln!(
+                "certificate for {name} written to {}: cert.pem, key.pem",
+                out.display()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -148,18 +173,29 @@ fn set_compute_threads(n: usize) {
 }
 
 fn check_files_of(cfg: &Config) -> Result<()> {
-    bulwark::keys::KeyStore::load(&cfg.resolve(&cfg.server.keys_file))?;
-    if let (Some(c), Some(k)) = (&cfg.server.tls_cert, &cfg.server.tls_key) {
-        bulwark::api::tls::server_config(
+    if let Some(c) = &cfg.cluster {
+        bulwark::tls::ClusterIdentity::load(
+            &cfg.resolve(&c.ca),
+            &cfg.resolve(&c.cert),
+            &cfg.resolve(&c.key),
+        )
+        .context("cluster.ca, cluster.cert, cluster.key")?;
+    }
+    let Some(server) = &cfg.server else {
+        return check_model_pin(cfg);
+    };
+    bulwark::keys::KeyStore::load(&cfg.resolve(&server.keys_file))?;
+    if let (Some(c), Some(k)) = (&server.tls_cert, &server.tls_key) {
+        bulwark::tls::server_config(
             &cfg.resolve(c),
             &cfg.resolve(k),
-            cfg.server
-                .client_ca
-                .as_ref()
-                .map(|p| cfg.resolve(p))
-                .as_deref(),
+            server.client_ca.as_ref().map(|p| cfg.resolve(p)).as_deref(),
         )?;
     }
+    check_model_pin(cfg)
+}
+
+fn check_model_pin(cfg: &Config) -> Result<()> {
     let model = cfg.resolve(&cfg.model.path);
     let actual = bulwark::model::gguf::sha256_file(&model)?;
     anyhow::ensure!(

@@ -31,8 +31,9 @@ use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::api::{self, AppState, error::ApiError, limits::RateLimiter};
+use crate::cluster::config::Role;
 use crate::config::{Config, MAX_HEADERS_CEILING};
-use crate::infer::scheduler::{self, SchedulerConfig};
+use crate::infer::scheduler::{self, SchedulerConfig, StepRunner};
 use crate::keys::KeyStore;
 use crate::metrics::Metrics;
 
@@ -48,24 +49,22 @@ const OVERLIMIT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn run(config_path: &Path) -> Result<()> {
     let cfg = Config::load(config_path)?;
-    let keys = KeyStore::load(&cfg.resolve(&cfg.server.keys_file))?;
-    let tls = match (
-        &cfg.server.tls_cert,
-        &cfg.server.tls_key,
-        cfg.server.plaintext,
-    ) {
+    if cfg.role() == Some(Role::Worker) {
+        return crate::cluster::worker::run(&cfg);
+    }
+    let server = cfg.api()?;
+    let keys = KeyStore::load(&cfg.resolve(&server.keys_file))?;
+    let tls = match (&server.tls_cert, &server.tls_key, server.plaintext) {
         (_, _, true) => None,
-        (Some(c), Some(k), false) => Some(Arc::new(crate::api::tls::server_config(
+        (Some(c), Some(k), false) => Some(Arc::new(crate::tls::server_config(
             &cfg.resolve(c),
             &cfg.resolve(k),
-            cfg.server
-                .client_ca
-                .as_ref()
-                .map(|p| cfg.resolve(p))
-                .as_deref(),
+            server.client_ca.as_ref().map(|p| cfg.resolve(p)).as_deref(),
         )?)),
         _ => anyhow::bail!("server.tls_cert and server.tls_key are required"),
     };
+    // A cluster head reads its identity now: nothing is readable once confined.
+    let cluster_client = head_client_config(&cfg)?;
     // A GPU is opened, and the model loaded and run once on it, before confinement: the CUDA
     // driver loads its JIT compiler and kernel modules on first use, from files Landlock and
     // seccomp will deny (docs/landlock.md, GPU).
@@ -74,24 +73,16 @@ pub fn run(config_path: &Path) -> Result<()> {
     let model_file = open_model_file(&cfg)?;
     let device = open_device(&cfg)?;
     let model = if device.is_cuda() {
-        ModelSource::Loaded(load_and_warm_up(&cfg, model_file, &device)?)
+        ModelSource::Loaded(Box::new(load_and_warm_up(&cfg, model_file, &device)?))
     } else {
         ModelSource::Opened(model_file)
     };
 
     // INVARIANT: listeners are bound before confinement; afterwards no new port can be bound.
-    let api_listener = std::net::TcpListener::bind(cfg.server.listen)
-        .with_context(|| format!("binding server.listen {}", cfg.server.listen))?;
+    let api_listener = std::net::TcpListener::bind(server.listen)
+        .with_context(|| format!("binding server.listen {}", server.listen))?;
     api_listener.set_nonblocking(true)?;
-    let metrics_listener = match cfg.metrics.listen {
-        Some(addr) => {
-            let l = std::net::TcpListener::bind(addr)
-                .with_context(|| format!("binding metrics.listen {addr}"))?;
-            l.set_nonblocking(true)?;
-            Some(l)
-        }
-        None => None,
-    };
+    let metrics_listener = bind_metrics(&cfg)?;
 
     // INVARIANT: confined while single-threaded, before the inference thread, the compute
     // pools and the network runtime exist, so that every one of them inherits the
@@ -102,7 +93,15 @@ pub fn run(config_path: &Path) -> Result<()> {
     metrics
         .sandbox_enforced
         .store(u64::from(status.fully_enforced()), Ordering::Relaxed);
-    let (state, infer_thread) = start(&cfg, keys, &device, metrics, Some(compute_filter), model)?;
+    let (state, infer_thread) = start(
+        &cfg,
+        keys,
+        &device,
+        metrics,
+        Some(compute_filter),
+        model,
+        cluster_client,
+    )?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.engine.io_threads)
@@ -115,6 +114,57 @@ pub fn run(config_path: &Path) -> Result<()> {
     // Every scheduler handle lived in the state, now dropped: the inference thread ends.
     let _ = infer_thread.join();
     result
+}
+
+/// The metrics listener, bound before confinement (non-blocking, for the network runtime).
+pub fn bind_metrics(cfg: &Config) -> Result<Option<std::net::TcpListener>> {
+    let Some(addr) = cfg.metrics.listen else {
+        return Ok(None);
+    };
+    let l = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("binding metrics.listen {addr}"))?;
+    l.set_nonblocking(true)?;
+    Ok(Some(l))
+}
+
+/// Serve metrics from a thread of their own (a cluster worker has no network runtime).
+pub fn spawn_metrics_thread(
+    listener: Option<std::net::TcpListener>,
+    metrics: Arc<Metrics>,
+) -> Result<()> {
+    let Some(listener) = listener else {
+        return Ok(());
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the metrics runtime")?;
+    std::thread::Builder::new()
+        .name("bulwark-metrics".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let Ok(l) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                let (_never, shutdown) = watch::channel(false);
+                serve_metrics(l, metrics, shutdown).await;
+            })
+        })?;
+    Ok(())
+}
+
+/// A cluster head's TLS client for its stages, built before confinement.
+fn head_client_config(cfg: &Config) -> Result<Option<Arc<rustls::ClientConfig>>> {
+    let Some(c) = cfg.cluster.as_ref().filter(|c| c.role == Role::Head) else {
+        return Ok(None);
+    };
+    let identity = crate::tls::ClusterIdentity::load(
+        &cfg.resolve(&c.ca),
+        &cfg.resolve(&c.cert),
+        &cfg.resolve(&c.key),
+    )
+    .context("loading the cluster certificate (cluster.ca, cluster.cert, cluster.key)")?;
+    Ok(Some(Arc::new(identity.client_config()?)))
 }
 
 pub fn open_device(cfg: &Config) -> Result<candle_core::Device> {
@@ -141,7 +191,7 @@ pub fn open_model_file(cfg: &Config) -> Result<crate::model::gguf::ModelFile> {
 /// already loaded and warmed up (on a GPU, before confinement).
 pub enum ModelSource {
     Opened(crate::model::gguf::ModelFile),
-    Loaded(Model),
+    Loaded(Box<Model>),
 }
 
 fn load_model(
@@ -157,6 +207,10 @@ fn load_model(
         cfg.model.context_length,
         cfg.model.weights,
         device,
+        cfg.cluster
+            .as_ref()
+            .filter(|c| c.role == Role::Head)
+            .map(|c| c.layer_range()),
     )
     .context("loading the model")?;
     tracing::info!(
@@ -203,7 +257,16 @@ pub fn build_state(
 ) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>)> {
     let device = open_device(cfg)?;
     let model = ModelSource::Opened(open_model_file(cfg)?);
-    start(cfg, keys, &device, Arc::new(Metrics::default()), None, model)
+    let client = head_client_config(cfg)?;
+    start(
+        cfg,
+        keys,
+        &device,
+        Arc::new(Metrics::default()),
+        None,
+        model,
+        client,
+    )
 }
 
 /// Start the inference thread (it stacks `compute_filter` on itself and creates the compute
@@ -215,6 +278,7 @@ pub fn start(
     metrics: Arc<Metrics>,
     compute_filter: Option<sandbox::ComputeFilter>,
     model: ModelSource,
+    cluster_client: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>)> {
     let pending = scheduler::spawn(
         SchedulerConfig {
@@ -227,16 +291,21 @@ pub fn start(
         compute_filter,
     )?;
     let (info, model) = match model {
-        ModelSource::Loaded(m) => m,
+        ModelSource::Loaded(m) => *m,
         ModelSource::Opened(file) => load_model(cfg, file, device)?,
     };
     let info = Arc::new(info);
-    let (handle, infer_thread) = pending.start(Box::new(model), info.clone())?;
+    let runner: Box<dyn StepRunner> = match cluster_client {
+        Some(client) => Box::new(start_pipeline(cfg, model, client)?),
+        None => Box::new(model),
+    };
+    let (handle, infer_thread) = pending.start(runner, info.clone())?;
+    let server = cfg.api()?;
     let state = Arc::new(AppState {
         keys,
         limits: cfg.limits.clone(),
-        cors_origins: cfg.server.cors_origins.clone(),
-        anonymous_health: cfg.server.anonymous_health,
+        cors_origins: server.cors_origins.clone(),
+        anonymous_health: server.anonymous_health,
         model: info,
         scheduler: handle,
         metrics,
@@ -246,6 +315,56 @@ pub fn start(
     Ok((state, infer_thread))
 }
 
+/// Start one link thread per stage and the runner that sends steps through them. The links
+/// connect in the background; until all are up, the API answers 503.
+fn start_pipeline(
+    cfg: &Config,
+    local: crate::infer::models::llama::LlamaModel,
+    client: Arc<rustls::ClientConfig>,
+) -> Result<crate::cluster::pipeline::PipelineRunner> {
+    use std::sync::atomic::AtomicBool;
+    let cluster = cfg.cluster.as_ref().context("[cluster] is required")?;
+    anyhow::ensure!(
+        local.cfg.n_layer == cluster.total_layers(),
+        "cluster.stages end at layer {}, but the model has {} layers: the ranges must cover \
+         every layer exactly once",
+        cluster.total_layers(),
+        local.cfg.n_layer
+    );
+    let available = Arc::new(AtomicBool::new(false));
+    let flags: Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+    let notify: Arc<dyn Fn() + Send + Sync> = {
+        let (available, flags) = (available.clone(), flags.clone());
+        Arc::new(move || {
+            let flags = flags.lock().unwrap_or_else(|p| p.into_inner());
+            available.store(crate::cluster::pipeline::all_up(&flags), Ordering::Release);
+        })
+    };
+    let max_rows = crate::cluster::max_step_rows(cfg.engine.max_batch_tokens, cfg.engine.max_batch);
+    let mut links = Vec::with_capacity(cluster.stages.len());
+    for (i, stage) in cluster.stages.iter().enumerate() {
+        let hello = crate::cluster::hello_for(
+            &local.cfg,
+            &cfg.model.sha256,
+            stage.layers[0]..stage.layers[1],
+            i + 1 == cluster.stages.len(),
+            max_rows,
+            cfg.engine.max_batch,
+        )?;
+        let link =
+            crate::cluster::link::spawn(stage.clone(), client.clone(), hello, notify.clone())?;
+        flags
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(link.up.clone());
+        links.push(link);
+    }
+    notify();
+    Ok(crate::cluster::pipeline::PipelineRunner::new(
+        local, links, available,
+    ))
+}
+
 async fn serve(
     cfg: Config,
     state: Arc<AppState>,
@@ -253,6 +372,7 @@ async fn serve(
     metrics_l: Option<std::net::TcpListener>,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> Result<()> {
+    let server = cfg.api()?.clone();
     let api = tokio::net::TcpListener::from_std(api)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     if let Some(l) = metrics_l {
@@ -263,7 +383,7 @@ async fn serve(
     let conns = Arc::new(Semaphore::new(cfg.limits.max_connections));
     let overlimit = Arc::new(Semaphore::new(cfg.limits.max_connections));
     tracing::info!(
-        listen = %cfg.server.listen,
+        listen = %server.listen,
         tls = acceptor.is_some(),
         metrics = ?cfg.metrics.listen,
         "serving"
@@ -307,7 +427,7 @@ async fn serve(
         let acceptor = acceptor.clone();
         let limits = cfg.limits.clone();
         let shutdown = shutdown_rx.clone();
-        let grace = Duration::from_secs(cfg.server.shutdown_grace_secs);
+        let grace = Duration::from_secs(server.shutdown_grace_secs);
         tokio::spawn(async move {
             let _permit = permit;
             state.metrics.connections.fetch_add(1, Ordering::Relaxed);
@@ -317,7 +437,7 @@ async fn serve(
     }
     tracing::info!("shutting down: no new connections; finishing requests in flight");
     let _ = shutdown_tx.send(true);
-    let grace = Duration::from_secs(cfg.server.shutdown_grace_secs) + Duration::from_secs(1);
+    let grace = Duration::from_secs(server.shutdown_grace_secs) + Duration::from_secs(1);
     let all = cfg.limits.max_connections as u32;
     let _ = tokio::time::timeout(grace, conns.acquire_many(all)).await;
     tracing::info!("stopped");

@@ -102,8 +102,8 @@ pub struct Egress {
 pub struct Policy {
     /// nftables table name (family inet).
     pub table: String,
-    /// The API port.
-    pub api_port: u16,
+    /// The API port; `None` on a node that serves no API (a cluster worker).
+    pub api_port: Option<u16>,
     /// Sources allowed to reach the API; empty means any.
     pub api_sources: Vec<Cidr>,
     /// Per-source new-connection limit on the API port.
@@ -282,7 +282,7 @@ impl Policy {
     /// Render the policy into its ruleset (deterministic: inputs are sorted).
     pub fn render(&self) -> Result<Ruleset, Error> {
         check_name(&self.table)?;
-        let mut ports = vec![self.api_port];
+        let mut ports: Vec<u16> = self.api_port.into_iter().collect();
         ports.extend(self.internal.iter().map(|i| i.port));
         ports.extend(self.metrics_port);
         let mut seen = std::collections::BTreeSet::new();
@@ -349,40 +349,43 @@ impl Policy {
                 "metrics listener: never reachable from the network",
             ));
         }
-        if let Some(rate) = self.api_rate {
-            for fam in [Family::V4, Family::V6] {
-                input.push(rule(
-                    vec![
-                        Match::TcpDport(self.api_port),
-                        Match::CtState(vec!["new"]),
-                        Match::SourceOverRate {
-                            meter: format!("api_new_{}", fam.suffix()),
-                            family: fam,
-                            rate,
-                        },
-                    ],
-                    Verdict::Drop,
-                    format!(
-                        "API: over {}/s new connections from one {} source",
-                        rate.per_second,
-                        fam.proto()
-                    ),
-                ));
+        // A cluster worker serves no API: no API rule at all.
+        if let Some(api_port) = self.api_port {
+            if let Some(rate) = self.api_rate {
+                for fam in [Family::V4, Family::V6] {
+                    input.push(rule(
+                        vec![
+                            Match::TcpDport(api_port),
+                            Match::CtState(vec!["new"]),
+                            Match::SourceOverRate {
+                                meter: format!("api_new_{}", fam.suffix()),
+                                family: fam,
+                                rate,
+                            },
+                        ],
+                        Verdict::Drop,
+                        format!(
+                            "API: over {}/s new connections from one {} source",
+                            rate.per_second,
+                            fam.proto()
+                        ),
+                    ));
+                }
             }
-        }
-        if self.api_sources.is_empty() {
-            input.push(rule(
-                vec![Match::TcpDport(self.api_port)],
-                Verdict::Accept,
-                "API: open to clients",
-            ));
-        } else {
-            for (fam, set) in add_sets("api_sources", &self.api_sources) {
+            if self.api_sources.is_empty() {
                 input.push(rule(
-                    vec![Match::SaddrInSet(fam, set), Match::TcpDport(self.api_port)],
+                    vec![Match::TcpDport(api_port)],
                     Verdict::Accept,
-                    format!("API: open to the listed {} client networks", fam.proto()),
+                    "API: open to clients",
                 ));
+            } else {
+                for (fam, set) in add_sets("api_sources", &self.api_sources) {
+                    input.push(rule(
+                        vec![Match::SaddrInSet(fam, set), Match::TcpDport(api_port)],
+                        Verdict::Accept,
+                        format!("API: open to the listed {} client networks", fam.proto()),
+                    ));
+                }
             }
         }
         let mut internal = self.internal.clone();

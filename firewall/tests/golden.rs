@@ -10,7 +10,7 @@ use firewall::{Egress, InternalPort, Policy, Rate};
 fn single() -> Policy {
     Policy {
         table: "bulwark".into(),
-        api_port: 8443,
+        api_port: Some(8443),
         api_sources: vec![],
         api_rate: Some(Rate {
             per_second: 20,
@@ -29,7 +29,7 @@ fn pipeline_head() -> Policy {
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
     Policy {
         table: "bulwark".into(),
-        api_port: 8443,
+        api_port: Some(8443),
         api_sources: vec![
             "10.20.0.0/16".parse().unwrap(),
             "2001:db8::/32".parse().unwrap(),

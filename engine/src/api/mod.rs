@@ -17,7 +17,6 @@ pub mod error;
 pub mod limits;
 pub mod models;
 pub mod openai;
-pub mod tls;
 
 use std::sync::Arc;
 use std::time::Instant;

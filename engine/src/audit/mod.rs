@@ -32,8 +32,6 @@ pub const CONCURRENCY: usize = 8;
 const MAX_BODY_READ: usize = 64 << 10;
 /// The origin used in CORS probes; a reserved name that no deployment allows.
 const PROBE_ORIGIN: &str = "https://audit.bulwark.invalid";
-/// Where Debian keeps the system's CA bundle.
-const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 pub struct Options {
     pub url: String,
@@ -148,24 +146,7 @@ impl Target {
             ),
         };
         let (tls, server_name) = if https {
-            let provider = crate::api::tls::provider();
-            let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-                .with_safe_default_protocol_versions()?;
-            let cfg = if o.insecure {
-                builder
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-                    .with_no_client_auth()
-            } else {
-                let mut roots = rustls::RootCertStore::empty();
-                let bundle = o.ca.clone().unwrap_or_else(|| SYSTEM_CA_BUNDLE.into());
-                for c in crate::api::tls::load_certs(&bundle)? {
-                    let _ = roots.add(c);
-                }
-                builder.with_root_certificates(roots).with_no_client_auth()
-            };
-            let mut cfg = cfg;
-            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let cfg = crate::tls::audit_client_config(o.ca.as_deref(), o.insecure)?;
             (
                 Some(tokio_rustls::TlsConnector::from(Arc::new(cfg))),
                 Some(ServerName::try_from(host.clone()).context("invalid host name in the URL")?),
@@ -311,41 +292,6 @@ impl Target {
 
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
-
-#[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for NoVerify {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &rustls::pki_types::CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &rustls::pki_types::CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
 
 /// A check that fails when any route of its categories (and paths) answers anonymously.
 struct ExposureCheck {

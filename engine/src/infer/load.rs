@@ -11,7 +11,7 @@ use crate::model::gguf::{GgufFile, ModelFile};
 use crate::model::template::ChatTemplate;
 use crate::model::tokenizer::ModelTokenizer;
 
-/// Load a pinned GGUF model: hash check, then header, tokenizer, template and weights.
+/// Load a pinned GGUF model (on a cluster head, only `head_layers`): hash check, then header, tokenizer, template and weights.
 pub fn load(
     file: ModelFile,
     sha256: &str,
@@ -19,6 +19,7 @@ pub fn load(
     context_length: Option<usize>,
     weights: WeightFormat,
     device: &Device,
+    head_layers: Option<std::ops::Range<usize>>,
 ) -> Result<(ModelInfo, LlamaModel)> {
     // INVARIANT: the hash check inside open_pinned runs before any parser sees the file.
     let created = file.modified_secs();
@@ -40,7 +41,25 @@ pub fn load(
         ),
         None => None,
     };
-    let model = LlamaModel::load(&mut gguf, weights, device, ctx)?;
+    let model = match head_layers {
+        None => LlamaModel::load(&mut gguf, weights, device, ctx)?,
+        // A cluster head: the embedding and the first layers; the stages run the rest.
+        Some(layers) => {
+            anyhow::ensure!(
+                layers.end < cfg.n_layer,
+                "cluster.layers of the head end at {}, but the model has {} layers: leave some \
+                 to the stages",
+                layers.end,
+                cfg.n_layer
+            );
+            let stage = StageSpec {
+                layers,
+                embed: true,
+                head: false,
+            };
+            LlamaModel::load_stage(&mut gguf, stage, weights, device, ctx)?
+        }
+    };
     Ok((
         ModelInfo {
             name: name.to_owned(),
@@ -53,13 +72,13 @@ pub fn load(
     ))
 }
 
-
 /// Load a pinned GGUF model for a worker stage: the hash check, the header and only the
-/// tensors of `stage`. A worker needs neither the tokenizer nor the template.
-pub fn load_stage(
+/// tensors of `layers` (and the final norm and LM head when they end at the model's last
+/// layer). A worker needs neither the embedding, nor the tokenizer, nor the template.
+pub fn load_worker_stage(
     file: ModelFile,
     sha256: &str,
-    stage: StageSpec,
+    layers: std::ops::Range<usize>,
     context_length: Option<usize>,
     weights: WeightFormat,
     device: &Device,
@@ -67,7 +86,19 @@ pub fn load_stage(
     // INVARIANT: the hash check inside open_pinned runs before any parser sees the file.
     let mut gguf = GgufFile::open_pinned(file, sha256)?;
     let cfg = LlamaConfig::from_gguf(&gguf)?;
+    anyhow::ensure!(
+        layers.end <= cfg.n_layer,
+        "cluster.layers [{}, {}) go past the model's {} layers",
+        layers.start,
+        layers.end,
+        cfg.n_layer
+    );
     let ctx = context_window(context_length, &cfg)?;
+    let stage = StageSpec {
+        head: layers.end == cfg.n_layer,
+        layers,
+        embed: false,
+    };
     LlamaModel::load_stage(&mut gguf, stage, weights, device, ctx)
 }
 

@@ -149,19 +149,23 @@ pub trait StepRunner: Send {
     fn available(&self) -> Arc<AtomicBool>;
 }
 
+/// The model's view of a step's items (it needs no sequence ids).
+pub fn as_batch<'a>(items: &'a mut [StepItem<'_>]) -> Vec<BatchItem<'a>> {
+    items
+        .iter_mut()
+        .map(|it| BatchItem {
+            tokens: it.tokens,
+            cache: &mut *it.cache,
+        })
+        .collect()
+}
+
 impl StepRunner for LlamaModel {
     fn local(&self) -> &LlamaModel {
         self
     }
     fn run(&mut self, items: &mut [StepItem<'_>]) -> anyhow::Result<Vec<Vec<f32>>> {
-        let mut batch: Vec<BatchItem<'_>> = items
-            .iter_mut()
-            .map(|it| BatchItem {
-                tokens: it.tokens,
-                cache: &mut *it.cache,
-            })
-            .collect();
-        self.forward(&mut batch)
+        self.forward(&mut as_batch(items))
     }
     fn free(&mut self, _seq: u64) {}
     fn available(&self) -> Arc<AtomicBool> {
@@ -199,6 +203,32 @@ impl Pending {
     }
 }
 
+/// Make the calling thread the one that computes: stack the compute filter on it, then create
+/// the compute pools, which inherit it. Called first thing on the inference thread (and on a
+/// cluster worker's stage thread).
+pub fn enter_compute_thread(
+    compute_filter: Option<sandbox::ComputeFilter>,
+    compute_threads: usize,
+) -> Result<(), String> {
+    // INVARIANT: the compute allowlist (no network calls) is stacked before this thread
+    // starts the compute pools, which inherit it, and before it touches a request.
+    if let Some(f) = compute_filter {
+        f.apply_to_current_thread()
+            .map_err(|e| format!("confining the inference thread: {e}"))?;
+    }
+    // INVARIANT: both compute pools are created here, by this thread, and never by another:
+    // rayon's (GEMM) and candle's own persistent barrier pool.
+    if let Err(e) = rayon::ThreadPoolBuilder::new()
+        .num_threads(compute_threads)
+        .thread_name(|i| format!("bulwark-compute-{i}"))
+        .build_global()
+    {
+        tracing::debug!(error = %e, "compute pool already exists");
+    }
+    let _ = candle_core::utils::barrier_pool();
+    Ok(())
+}
+
 /// Start the inference thread. Returns once its compute pools exist, so that work the caller
 /// runs afterwards (loading the model) uses threads that inherit the thread's confinement.
 pub fn spawn(
@@ -215,24 +245,10 @@ pub fn spawn(
     let join = std::thread::Builder::new()
         .name("bulwark-infer".into())
         .spawn(move || {
-            // INVARIANT: the compute allowlist (no network calls) is stacked before this thread
-            // starts the compute pools, which inherit it, and before it touches a request.
-            if let Some(f) = compute_filter
-                && let Err(e) = f.apply_to_current_thread()
-            {
-                let _ = ready_tx.send(Err(format!("confining the inference thread: {e}")));
+            if let Err(e) = enter_compute_thread(compute_filter, compute_threads) {
+                let _ = ready_tx.send(Err(e));
                 return;
             }
-            // INVARIANT: both compute pools are created here, by this thread, and never by another:
-            // rayon's (GEMM) and candle's own persistent barrier pool.
-            if let Err(e) = rayon::ThreadPoolBuilder::new()
-                .num_threads(compute_threads)
-                .thread_name(|i| format!("bulwark-compute-{i}"))
-                .build_global()
-            {
-                tracing::debug!(error = %e, "compute pool already exists");
-            }
-            let _ = candle_core::utils::barrier_pool();
             let _ = ready_tx.send(Ok(()));
             let Ok((runner, info)) = model_rx.recv() else {
                 return;

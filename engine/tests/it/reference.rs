@@ -64,6 +64,7 @@ fn load() -> (
         Some(512),
         WeightFormat::F32,
         &Device::Cpu,
+        None,
     )
     .unwrap()
 }

@@ -145,7 +145,7 @@ async fn auth_precedes_routing_for_every_method_and_path_variant() {
     }
     // With anonymous health on, only a byte-exact GET /health is anonymous.
     let mut cfg = util::config("");
-    cfg.server.anonymous_health = true;
+    cfg.server.as_mut().unwrap().anonymous_health = true;
     let t = util::state_with(cfg);
     assert_eq!(
         call(&t.state, "GET", "/health", &[], None).await.status,
@@ -194,7 +194,7 @@ async fn health_needs_a_key_unless_made_anonymous_and_says_nothing() {
         StatusCode::OK
     );
     let mut cfg = util::config("");
-    cfg.server.anonymous_health = true;
+    cfg.server.as_mut().unwrap().anonymous_health = true;
     let t = util::state_with(cfg);
     let r = call(&t.state, "GET", "/health", &[], None).await;
     assert_eq!(r.status, StatusCode::OK);
@@ -345,7 +345,7 @@ async fn cors_is_off_by_default() {
 #[tokio::test]
 async fn cors_allows_exact_origins_and_never_reflects() {
     let mut cfg = util::config("");
-    cfg.server.cors_origins = vec!["https://app.example".into()];
+    cfg.server.as_mut().unwrap().cors_origins = vec!["https://app.example".into()];
     let t = util::state_with(cfg);
     let auth = t.bearer();
     let pre = [

@@ -315,7 +315,17 @@ impl LlamaModel {
     /// `vocab` long) for the last token of every item, in order. Advances every item's cache.
     pub fn forward(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Vec<f32>>> {
         ensure!(!items.is_empty(), "empty batch");
-        let ids: Vec<u32> = items.iter().flat_map(|it| it.tokens.iter().copied()).collect();
+        let x = self.embed_and_run(items)?;
+        self.logits(&x, &last_rows(items.iter().map(|it| it.tokens.len())))
+    }
+
+    /// The first stage's work: embed every item's new tokens and run this stage's layers over
+    /// them; the packed hidden states, `[rows, hidden]`. Advances every item's cache.
+    pub fn embed_and_run(&self, items: &mut [BatchItem<'_>]) -> Result<Tensor> {
+        let ids: Vec<u32> = items
+            .iter()
+            .flat_map(|it| it.tokens.iter().copied())
+            .collect();
         let x = self.embed(&ids)?;
         let mut layer_items: Vec<LayerItem<'_>> = items
             .iter_mut()
@@ -324,8 +334,7 @@ impl LlamaModel {
                 cache: &mut *it.cache,
             })
             .collect();
-        let x = self.run_layers(x, &mut layer_items)?;
-        self.logits(&x, &last_rows(layer_items.iter().map(|it| it.rows)))
+        self.run_layers(x, &mut layer_items)
     }
 
     /// The embedding rows of `ids` (first stage only): `[ids.len(), hidden]`.
