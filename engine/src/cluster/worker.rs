@@ -41,17 +41,7 @@ enum Job {
 }
 
 pub fn run(cfg: &Config) -> Result<()> {
-    let cluster = cfg.cluster.as_ref().context("[cluster] is required")?;
-    let peer = cluster
-        .worker_peer()
-        .context("cluster.listen, head_name and head_address are required for a worker")?;
-    let identity = crate::tls::ClusterIdentity::load(
-        &cfg.resolve(&cluster.ca),
-        &cfg.resolve(&cluster.cert),
-        &cfg.resolve(&cluster.key),
-    )
-    .context("loading the cluster certificate (cluster.ca, cluster.cert, cluster.key)")?;
-    let tls = Arc::new(identity.server_config()?);
+    let (peer, tls) = identity(cfg)?;
     let model_file = crate::serve::open_model_file(cfg)?;
 
     // INVARIANT: listeners are bound before confinement; afterwards no new port can be bound.
@@ -67,16 +57,53 @@ pub fn run(cfg: &Config) -> Result<()> {
         .store(u64::from(status.fully_enforced()), Ordering::Relaxed);
     crate::serve::spawn_metrics_thread(metrics_listener, metrics)?;
 
-    let (jobs, hello) = spawn_stage_thread(cfg, model_file, cluster.layer_range(), compute_filter)?;
+    let layers = cfg
+        .cluster
+        .as_ref()
+        .map(|c| c.layer_range())
+        .unwrap_or_default();
+    let (jobs, hello) = spawn_stage_thread(cfg, model_file, layers.clone(), Some(compute_filter))?;
     tracing::info!(
         listen = %peer.listen,
         head = %peer.head_name,
         head_address = %peer.head_address,
-        layers = ?cluster.layer_range(),
+        ?layers,
         last = hello.last,
         "worker serving"
     );
     accept_loop(listener, &peer, tls, jobs, hello)
+}
+
+/// Serve a stage on `listener` from background threads, unconfined (for tests: confinement
+/// cannot be undone in a test process).
+pub fn spawn_unconfined(cfg: &Config, listener: TcpListener) -> Result<()> {
+    let (peer, tls) = identity(cfg)?;
+    let file = crate::serve::open_model_file(cfg)?;
+    let layers = cfg
+        .cluster
+        .as_ref()
+        .map(|c| c.layer_range())
+        .unwrap_or_default();
+    let (jobs, hello) = spawn_stage_thread(cfg, file, layers, None)?;
+    std::thread::Builder::new()
+        .name("bulwark-accept".into())
+        .spawn(move || accept_loop(listener, &peer, tls, jobs, hello))?;
+    Ok(())
+}
+
+/// The worker's peer (from the configuration) and its TLS server configuration.
+fn identity(cfg: &Config) -> Result<(WorkerPeer, Arc<rustls::ServerConfig>)> {
+    let cluster = cfg.cluster.as_ref().context("[cluster] is required")?;
+    let peer = cluster
+        .worker_peer()
+        .context("cluster.listen, head_name and head_address are required for a worker")?;
+    let identity = crate::tls::ClusterIdentity::load(
+        &cfg.resolve(&cluster.ca),
+        &cfg.resolve(&cluster.cert),
+        &cfg.resolve(&cluster.key),
+    )
+    .context("loading the cluster certificate (cluster.ca, cluster.cert, cluster.key)")?;
+    Ok((peer, Arc::new(identity.server_config()?)))
 }
 
 /// Start the stage thread (it stacks the compute filter on itself and creates the compute
@@ -86,7 +113,7 @@ fn spawn_stage_thread(
     cfg: &Config,
     file: ModelFile,
     layers: std::ops::Range<usize>,
-    compute_filter: sandbox::ComputeFilter,
+    compute_filter: Option<sandbox::ComputeFilter>,
 ) -> Result<(mpsc::SyncSender<Job>, Hello)> {
     let (tx, rx) = mpsc::sync_channel::<Job>(STAGE_QUEUE);
     let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
@@ -95,8 +122,7 @@ fn spawn_stage_thread(
     std::thread::Builder::new()
         .name("bulwark-stage".into())
         .spawn(move || {
-            let entered =
-                crate::infer::scheduler::enter_compute_thread(Some(compute_filter), threads);
+            let entered = crate::infer::scheduler::enter_compute_thread(compute_filter, threads);
             let failed = entered.is_err();
             let _ = ready_tx.send(entered);
             if failed {

@@ -103,6 +103,11 @@ pub struct SchedulerHandle {
 }
 
 impl SchedulerHandle {
+    /// Whether requests can run now (`false` while a pipeline stage is down).
+    pub fn is_available(&self) -> bool {
+        self.available.load(Ordering::Relaxed)
+    }
+
     pub fn submit(&self, req: GenRequest) -> Result<(), SubmitError> {
         if !self.available.load(Ordering::Relaxed) {
             return Err(SubmitError::Unavailable);

@@ -2,6 +2,7 @@
 //! scheduler, and agreement with llama.cpp. They run the real demo model
 //! (`scripts/fetch-model.sh`; override with BULWARK_TEST_MODEL).
 
+mod cluster;
 mod generation;
 mod reference;
 mod router;
