@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+./scripts/nix-check.sh
 ./scripts/fetch-model.sh >/dev/null
 cargo fmt --all --check
 cargo clippy --release --workspace --all-targets -- -D warnings
