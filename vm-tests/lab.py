@@ -526,6 +526,8 @@ class Lab:
             time.sleep(0.5)
         if within is not None and ok:
             what += f" (after {time.time() - t0:.1f} s)"
+        if ok and r == "tls-reject":
+            what += f": {detail[:160]}"  # where it was refused
         self.record(what, ok, detail)
 
     def attempt(self, e, src, dst, host, port, who, left):
