@@ -664,8 +664,8 @@ def main():
         for f in topo.get("fault", []):
             lab.fault(f)
         lab.check_alive()
-    except Exception as e:  # noqa: BLE001
-        lab.record("lab set-up", False, repr(e))
+    except (Exception, KeyboardInterrupt, SystemExit) as e:  # noqa: BLE001
+        lab.record("lab run", False, "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else repr(e))
     finally:
         lab.down()
     print(f"topology {topo['name']}: {'all checks passed' if not lab.failures else f'{len(lab.failures)} failed'}")
