@@ -12,12 +12,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root (network namespaces)" >&2; exit 2; }
-MODEL=$(./scripts/fetch-model.sh)
+MODEL=$(realpath "$(./scripts/fetch-model.sh)")
 cargo build --release -p bulwark >/dev/null
 BIN=$PWD/target/release/bulwark
 NS=bwbench-worker
-TMP=$(mktemp -d)
-cleanup() { kill $(jobs -p) 2>/dev/null || true; ip netns del $NS 2>/dev/null || true; ip link del bwbench0 2>/dev/null || true; rm -rf "$TMP"; }
+TMP=$(mktemp -d); [ -n "${BENCH_KEEP:-}" ] && echo "tmp: $TMP" >&2
+cleanup() { kill $(jobs -p) 2>/dev/null || true; ip netns del $NS 2>/dev/null || true; ip link del bwbench0 2>/dev/null || true; [ -n "${BENCH_KEEP:-}" ] || rm -rf "$TMP"; }
 trap cleanup EXIT
 ip netns del $NS 2>/dev/null || true; ip link del bwbench0 2>/dev/null || true
 ip netns add $NS
@@ -74,10 +74,10 @@ wait_ready() { for _ in $(seq 300); do
        -H 'Content-Type: application/json' -d '{"model":"smollm2","prompt":"Hi","max_tokens":1}' \
        https://127.0.0.1:18543/v1/completions)" = 200 ] && return 0; sleep 0.2; done
   echo "not ready; head log:" >&2; tail -5 "$TMP/head.log" "$TMP/worker.log" >&2 2>/dev/null; return 1; }
-levels=(1 16); reqs=(8 32)
+levels=(${BENCH_LEVELS:-1 16}); reqs=(${BENCH_REQS:-8 32})
 results="{}"
 run_levels() { # name
-  for i in 0 1; do
+  for i in "${!levels[@]}"; do
     r=$(.venv/bin/python bench/load.py --base-url https://127.0.0.1:18543 --api-key "$KEY" --cacert "$TMP/single/cert.pem" \
         --model smollm2 --concurrency ${levels[$i]} --requests ${reqs[$i]})
     echo "$1 c=${levels[$i]}: $r" >&2

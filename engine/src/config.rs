@@ -98,6 +98,13 @@ pub struct Limits {
     pub header_read_timeout_secs: u64,
     pub idle_timeout_secs: u64,
     pub max_connections: usize,
+    /// Connections open at once from one source address; 0 disables the cap.
+    pub max_connections_per_source: usize,
+    /// Seconds allowed to receive a request body once its headers arrived (stalled uploads).
+    pub body_read_timeout_secs: u64,
+    /// Seconds a streaming response may wait for the client to read before it is abandoned
+    /// (a client whose flow-control window stays shut).
+    pub write_timeout_secs: u64,
     pub max_in_flight: usize,
     /// Requests per minute per key; 0 disables the rate limit.
     pub rate_limit_per_minute: u32,
@@ -120,6 +127,9 @@ impl Default for Limits {
             header_read_timeout_secs: 10,
             idle_timeout_secs: 60,
             max_connections: 256,
+            max_connections_per_source: 64,
+            body_read_timeout_secs: 30,
+            write_timeout_secs: 30,
             max_in_flight: 64,
             rate_limit_per_minute: 600,
             max_tokens: 2048,
@@ -251,6 +261,55 @@ impl Default for FirewallConfig {
     }
 }
 
+/// The allowed range of every numeric limit: large enough for any deployment, small enough
+/// that no value can overflow what it sizes (a semaphore, a timer, an allocation).
+fn limit_ranges(l: &Limits) -> [(&'static str, u64, std::ops::RangeInclusive<u64>); 16] {
+    const DAY: u64 = 86_400;
+    const MANY: u64 = 1 << 20;
+    [
+        (
+            "header_read_timeout_secs",
+            l.header_read_timeout_secs,
+            1..=DAY,
+        ),
+        ("idle_timeout_secs", l.idle_timeout_secs, 1..=DAY),
+        ("body_read_timeout_secs", l.body_read_timeout_secs, 1..=DAY),
+        ("write_timeout_secs", l.write_timeout_secs, 1..=DAY),
+        ("max_connections", l.max_connections as u64, 1..=MANY),
+        (
+            "max_connections_per_source",
+            l.max_connections_per_source as u64,
+            0..=MANY,
+        ),
+        ("max_in_flight", l.max_in_flight as u64, 1..=MANY),
+        (
+            "rate_limit_per_minute",
+            u64::from(l.rate_limit_per_minute),
+            0..=MANY,
+        ),
+        ("max_tokens", l.max_tokens as u64, 1..=MANY),
+        ("max_prompt_tokens", l.max_prompt_tokens as u64, 1..=MANY),
+        ("queue_depth", l.queue_depth as u64, 1..=MANY),
+        ("max_messages", l.max_messages as u64, 1..=MANY),
+        ("max_stop_sequences", l.max_stop_sequences as u64, 0..=64),
+        (
+            "max_headers",
+            l.max_headers as u64,
+            1..=MAX_HEADERS_CEILING as u64,
+        ),
+        (
+            "max_body_bytes",
+            l.max_body_bytes as u64,
+            1..=MAX_BODY_BYTES_CEILING as u64,
+        ),
+        (
+            "max_header_bytes",
+            l.max_header_bytes as u64,
+            1024..=MAX_HEADER_BYTES_CEILING as u64,
+        ),
+    ]
+}
+
 /// Hard ceilings the configuration itself cannot raise (they protect the process).
 const MAX_BODY_BYTES_CEILING: usize = 64 << 20;
 const MAX_HEADER_BYTES_CEILING: usize = 1 << 20;
@@ -350,44 +409,14 @@ impl Config {
             "model.name must be 1 to 128 printable characters"
         );
         let l = &self.limits;
-        ensure!(
-            (1..=MAX_BODY_BYTES_CEILING).contains(&l.max_body_bytes),
-            "limits.max_body_bytes must be between 1 and {MAX_BODY_BYTES_CEILING}"
-        );
-        ensure!(
-            (1024..=MAX_HEADER_BYTES_CEILING).contains(&l.max_header_bytes),
-            "limits.max_header_bytes must be between 1024 and {MAX_HEADER_BYTES_CEILING}"
-        );
-        ensure!(
-            (1..=MAX_HEADERS_CEILING).contains(&l.max_headers),
-            "limits.max_headers must be between 1 and {MAX_HEADERS_CEILING}"
-        );
-        ensure!(
-            l.header_read_timeout_secs >= 1,
-            "limits.header_read_timeout_secs must be at least 1"
-        );
-        ensure!(
-            l.idle_timeout_secs >= 1,
-            "limits.idle_timeout_secs must be at least 1"
-        );
-        ensure!(
-            l.max_connections >= 1,
-            "limits.max_connections must be at least 1"
-        );
-        ensure!(
-            l.max_in_flight >= 1,
-            "limits.max_in_flight must be at least 1"
-        );
-        ensure!(l.max_tokens >= 1, "limits.max_tokens must be at least 1");
-        ensure!(
-            l.max_prompt_tokens >= 1,
-            "limits.max_prompt_tokens must be at least 1"
-        );
-        ensure!(l.queue_depth >= 1, "limits.queue_depth must be at least 1");
-        ensure!(
-            l.max_messages >= 1,
-            "limits.max_messages must be at least 1"
-        );
+        for (key, value, range) in limit_ranges(l) {
+            ensure!(
+                range.contains(&value),
+                "limits.{key} must be between {} and {} (got {value})",
+                range.start(),
+                range.end()
+            );
+        }
         ensure!(
             self.sandbox.user != "root" && self.sandbox.user != "0",
             "sandbox.user must be an unprivileged user, not root"
@@ -610,6 +639,36 @@ name = "smollm2"
         ))
         .unwrap_err();
         assert!(format!("{err:#}").contains("enforcement"), "{err:#}");
+    }
+
+    #[test]
+    fn limits_out_of_range_are_named_not_a_panic_later() {
+        // Regression: i64::MAX passed check-config and made the server panic after confinement.
+        for key in [
+            "max_connections",
+            "max_in_flight",
+            "queue_depth",
+            "idle_timeout_secs",
+        ] {
+            let err = parse(&format!(
+                "{}\n[limits]\n{key} = 9223372036854775807\n",
+                base()
+            ))
+            .unwrap_err();
+            assert!(
+                format!("{err:#}").contains(&format!("limits.{key}")),
+                "{err:#}"
+            );
+        }
+        let err = parse(&format!(
+            "{}\n[limits]\nbody_read_timeout_secs = 0\n",
+            base()
+        ))
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("limits.body_read_timeout_secs"),
+            "{err:#}"
+        );
     }
 
     #[test]

@@ -191,10 +191,19 @@ pub fn prepare(state: &AppState, r: ChatRequest) -> Result<(Prepared, bool, bool
             "messages",
         )
     })?;
-    let prompt = state.model.tokenizer.encode(&rendered).map_err(|e| {
-        tracing::error!(error = %format!("{e:#}"), "tokenizer failed");
-        ApiError::Internal
-    })?;
+    let contents: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+    let prompt = state
+        .model
+        .tokenizer
+        .encode_chat(&rendered, &contents)
+        .map_err(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "chat prompt refused");
+            ApiError::invalid(
+                "A message holds control-token text that the chat template transforms; it cannot \
+                 be encoded safely.",
+                "messages",
+            )
+        })?;
     let requested = r.max_completion_tokens.or(r.max_tokens);
     let max_tokens =
         openai::check_lengths(state, prompt.len(), requested, state.limits.max_tokens)?;
@@ -237,7 +246,7 @@ pub async fn handle(
         };
         return Ok(openai::stream(state, ctx, rx, fmt, include_usage));
     }
-    let c = openai::collect(rx).await?;
+    let c = openai::collect(rx, ctx).await?;
     let logprobs = if want_logprobs {
         json!({ "content": c.logprobs.iter().map(logprob_entry).collect::<Vec<_>>() })
     } else {

@@ -67,7 +67,8 @@ fn prompt_ids(state: &AppState, prompt: Value) -> Result<Vec<u32>, ApiError> {
     if text.len() > state.limits.max_body_bytes {
         return Err(bad());
     }
-    state.model.tokenizer.encode(&text).map_err(|e| {
+    // A prompt is untrusted text: control-token strings in it stay text (docs/openapi.yaml).
+    state.model.tokenizer.encode_plain(&text).map_err(|e| {
         tracing::error!(error = %format!("{e:#}"), "tokenizer failed");
         ApiError::Internal
     })
@@ -145,7 +146,7 @@ pub async fn handle(
         };
         return Ok(openai::stream(state, ctx, rx, fmt, include_usage));
     }
-    let c = openai::collect(rx).await?;
+    let c = openai::collect(rx, ctx).await?;
     let lp = if logprobs.is_some() {
         legacy_logprobs(&c.logprobs, 0)
     } else {

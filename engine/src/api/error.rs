@@ -29,6 +29,10 @@ pub enum ApiError {
     HeadersTooLarge {
         message: String,
     },
+    /// The body did not arrive within `limits.body_read_timeout_secs`.
+    BodyTimeout {
+        secs: u64,
+    },
     RateLimited {
         retry_after_secs: u64,
     },
@@ -63,6 +67,7 @@ impl ApiError {
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Overloaded { .. } | Self::StageUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -79,6 +84,7 @@ impl ApiError {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::BodyTooLarge { .. } => "limits.max_body_bytes",
             Self::HeadersTooLarge { .. } => "limits.headers",
+            Self::BodyTimeout { .. } => "limits.body_read_timeout_secs",
             Self::RateLimited { .. } => "limits.rate_limit_per_minute",
             Self::Overloaded { what, .. } => what,
             Self::ModelNotFound { .. } => "model_not_found",
@@ -140,6 +146,14 @@ impl ApiError {
                 "invalid_request_error",
                 None,
                 Some("headers_too_large"),
+            ),
+            Self::BodyTimeout { secs } => (
+                format!(
+                    "The request body did not arrive within limits.body_read_timeout_secs ({secs} s)."
+                ),
+                "invalid_request_error",
+                None,
+                Some("body_timeout"),
             ),
             Self::RateLimited { retry_after_secs } => (
                 format!(

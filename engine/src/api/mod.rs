@@ -61,21 +61,65 @@ pub struct RequestCtx {
     pub started: Instant,
     /// Held until the response (or its stream) is complete.
     pub permit: Option<OwnedSemaphorePermit>,
+    /// Token counts so far: the log line carries them whatever the ending.
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    logged: bool,
 }
 
 impl RequestCtx {
-    /// The access log line: never prompt or completion text.
-    pub fn log(&self, status: u16, prompt_tokens: usize, completion_tokens: usize) {
+    fn new() -> Self {
+        Self {
+            request_id: new_request_id(),
+            key_name: "-".into(),
+            route: "-",
+            started: Instant::now(),
+            permit: None,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            logged: false,
+        }
+    }
+
+    /// Move the log line and the in-flight slot to a task that outlives the handler (a
+    /// stream); this context then logs nothing.
+    pub fn hand_over(&mut self) -> RequestCtx {
+        self.logged = true;
+        RequestCtx {
+            request_id: self.request_id.clone(),
+            key_name: self.key_name.clone(),
+            route: self.route,
+            started: self.started,
+            permit: self.permit.take(),
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            logged: false,
+        }
+    }
+
+    /// The access log line, once: never prompt or completion text.
+    pub fn log(&mut self, status: u16) {
+        if std::mem::replace(&mut self.logged, true) {
+            return;
+        }
         tracing::info!(
             request_id = %self.request_id,
             key = %self.key_name,
             route = self.route,
             status,
-            prompt_tokens,
-            completion_tokens,
+            prompt_tokens = self.prompt_tokens,
+            completion_tokens = self.completion_tokens,
             latency_ms = self.started.elapsed().as_millis() as u64,
             "request"
         );
+    }
+}
+
+/// A request whose handler was dropped before it answered (the client went away) is still
+/// logged, as 499, with the tokens it had.
+impl Drop for RequestCtx {
+    fn drop(&mut self) {
+        self.log(499);
     }
 }
 
@@ -140,13 +184,7 @@ where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut ctx = RequestCtx {
-        request_id: new_request_id(),
-        key_name: "-".into(),
-        route: "-",
-        started: Instant::now(),
-        permit: None,
-    };
+    let mut ctx = RequestCtx::new();
     let origin = allowed_origin(&state.cors_origins, req.headers());
     let result = dispatch(&state, req, &mut ctx).await;
     let (mut response, logged, tokens) = match result {
@@ -166,7 +204,10 @@ where
         state.metrics.count_response(status, "ok");
     }
     if !logged {
-        ctx.log(status, tokens.0, tokens.1);
+        if tokens != (0, 0) {
+            (ctx.prompt_tokens, ctx.completion_tokens) = tokens;
+        }
+        ctx.log(status);
     }
     let h = response.headers_mut();
     h.insert(
@@ -267,6 +308,13 @@ where
     if req.method().as_str() != method {
         return Err(ApiError::MethodNotAllowed { allow: method });
     }
+    let path = path.to_owned();
+    // The body is read (bounded in size and time) before an in-flight slot is taken, so a
+    // client that stalls its upload holds no slot.
+    let body = match name {
+        "chat" | "completions" => Some(read_json_body(state, req).await?),
+        _ => None,
+    };
     ctx.permit =
         Some(
             state
@@ -278,17 +326,11 @@ where
                     retry_after_secs: OVERLOAD_RETRY_AFTER_SECS,
                 })?,
         );
-    match name {
-        "models" => Ok(models::list(state)),
-        "model" => models::get(state, path),
-        "chat" => {
-            let body = read_json_body(state, req).await?;
-            chat::handle(state, body, ctx).await
-        }
-        "completions" => {
-            let body = read_json_body(state, req).await?;
-            completions::handle(state, body, ctx).await
-        }
+    match (name, body) {
+        ("models", _) => Ok(models::list(state)),
+        ("model", _) => models::get(state, &path),
+        ("chat", Some(body)) => chat::handle(state, body, ctx).await,
+        ("completions", Some(body)) => completions::handle(state, body, ctx).await,
         _ => Err(ApiError::NotFound),
     }
 }
@@ -362,7 +404,11 @@ where
         return Err(ApiError::BodyTooLarge { limit });
     }
     let limited = http_body_util::Limited::new(req.into_body(), limit);
-    let bytes = match limited.collect().await {
+    let secs = state.limits.body_read_timeout_secs;
+    let collected = tokio::time::timeout(std::time::Duration::from_secs(secs), limited.collect())
+        .await
+        .map_err(|_| ApiError::BodyTimeout { secs })?;
+    let bytes = match collected {
         Ok(c) => c.to_bytes(),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()

@@ -2,6 +2,7 @@
 //! the scheduler, collecting a whole answer, and streaming one as server-sent events.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::header::{self, HeaderValue};
@@ -220,9 +221,10 @@ pub fn check_lengths(
 
 pub fn submit(
     state: &AppState,
-    ctx: &RequestCtx,
+    ctx: &mut RequestCtx,
     p: Prepared,
 ) -> Result<mpsc::Receiver<Event>, ApiError> {
+    ctx.prompt_tokens = p.prompt.len();
     let (tx, rx) = mpsc::channel(scheduler::event_capacity(p.max_tokens));
     state
         .scheduler
@@ -255,7 +257,10 @@ pub struct Collected {
 
 /// Wait for a whole answer. If the client disconnects, hyper drops this future, the receiver
 /// goes with it, and the scheduler frees the slot before its next step.
-pub async fn collect(mut rx: mpsc::Receiver<Event>) -> Result<Collected, ApiError> {
+pub async fn collect(
+    mut rx: mpsc::Receiver<Event>,
+    ctx: &mut RequestCtx,
+) -> Result<Collected, ApiError> {
     let mut text = String::new();
     let mut logprobs = Vec::new();
     while let Some(ev) = rx.recv().await {
@@ -263,9 +268,11 @@ pub async fn collect(mut rx: mpsc::Receiver<Event>) -> Result<Collected, ApiErro
             Event::Delta {
                 text: t,
                 logprobs: l,
+                tokens,
             } => {
                 text.push_str(&t);
                 logprobs.extend(l);
+                ctx.completion_tokens += tokens;
             }
             Event::Done {
                 finish,
@@ -325,26 +332,27 @@ pub fn stream(
 ) -> Handled {
     let (tx, body_rx) = mpsc::channel::<Bytes>(STREAM_BUFFER_FRAMES);
     let metrics = Arc::clone(&state.metrics);
-    let taken = RequestCtx {
-        request_id: ctx.request_id.clone(),
-        key_name: ctx.key_name.clone(),
-        route: ctx.route,
-        started: ctx.started,
-        permit: ctx.permit.take(),
-    };
+    let mut ctx = ctx.hand_over();
+    let write_timeout = Duration::from_secs(state.limits.write_timeout_secs);
     tokio::spawn(async move {
-        let ctx = taken;
-        let mut tokens = (0, 0);
-        let mut status = 200;
+        // A client that stops reading (its flow-control window stays shut) is given up after
+        // `limits.write_timeout_secs`; dropping the receiver frees its slot in the scheduler.
+        let send = |frame: Bytes| tokio::time::timeout(write_timeout, tx.send(frame));
         if let Some(first) = fmt.first()
-            && tx.send(sse(&first)).await.is_err()
+            && !matches!(send(sse(&first)).await, Ok(Ok(())))
         {
-            ctx.log(499, 0, 0);
+            ctx.log(499);
             return;
         }
+        let mut status = 200;
         while let Some(ev) = rx.recv().await {
             let frames: Vec<serde_json::Value> = match ev {
-                Event::Delta { text, logprobs } => {
+                Event::Delta {
+                    text,
+                    logprobs,
+                    tokens,
+                } => {
+                    ctx.completion_tokens += tokens;
                     fmt.delta(&text, &logprobs).into_iter().collect()
                 }
                 Event::Done {
@@ -352,7 +360,7 @@ pub fn stream(
                     prompt_tokens,
                     completion_tokens,
                 } => {
-                    tokens = (prompt_tokens, completion_tokens);
+                    (ctx.prompt_tokens, ctx.completion_tokens) = (prompt_tokens, completion_tokens);
                     let mut v = vec![fmt.finish(finish)];
                     if include_usage {
                         v.push(fmt.usage(prompt_tokens, completion_tokens));
@@ -369,15 +377,24 @@ pub fn stream(
                 }
             };
             for f in frames {
-                if tx.send(sse(&f)).await.is_err() {
-                    metrics.count_response(499, "client_closed");
-                    ctx.log(499, tokens.0, tokens.1);
-                    return;
+                match send(sse(&f)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => {
+                        metrics.count_response(499, "client_closed");
+                        ctx.log(499);
+                        return;
+                    }
+                    Err(_) => {
+                        metrics.count_response(408, "limits.write_timeout_secs");
+                        tracing::info!(request_id = %ctx.request_id, "client stopped reading; stream abandoned (limits.write_timeout_secs)");
+                        ctx.log(408);
+                        return;
+                    }
                 }
             }
         }
-        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
-        ctx.log(status, tokens.0, tokens.1);
+        let _ = send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+        ctx.log(status);
     });
     let mut r = Response::new(ApiBody::Stream(body_rx));
     *r.status_mut() = StatusCode::OK;

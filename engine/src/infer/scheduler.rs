@@ -74,6 +74,8 @@ pub enum Event {
     Delta {
         text: String,
         logprobs: Vec<TokenLogprob>,
+        /// Tokens generated since the previous Delta (their text may still be held back).
+        tokens: usize,
     },
     Done {
         finish: FinishReason,
@@ -300,6 +302,8 @@ struct Active {
     /// The token to feed next while decoding.
     last: [u32; 1],
     generated: usize,
+    /// Tokens generated but not yet counted in a Delta.
+    unreported: usize,
     pending_text: String,
     pending_logprobs: Vec<TokenLogprob>,
     started: Instant,
@@ -371,6 +375,7 @@ impl Scheduler {
             prefilled: 0,
             last: [0],
             generated: 0,
+            unreported: 0,
             pending_text: String::new(),
             pending_logprobs: Vec::new(),
             started: Instant::now(),
@@ -478,11 +483,16 @@ impl Scheduler {
         let a = &mut self.active[i];
         let id = a.sampler.sample(logits);
         a.generated += 1;
+        a.unreported += 1;
         a.last = [id];
         self.metrics
             .generated_tokens
             .fetch_add(1, Ordering::Relaxed);
 
+        // The stop token ends the answer; it is not part of it (nor of its logprobs).
+        if tok.stop_ids.contains(&id) {
+            return Some(FinishReason::Stop);
+        }
         if let Some(n) = a.req.logprobs {
             let lp = log_softmax(logits);
             let mut order: Vec<u32> = (0..lp.len() as u32).collect();
@@ -512,9 +522,6 @@ impl Scheduler {
             });
         }
 
-        if tok.stop_ids.contains(&id) {
-            return Some(FinishReason::Stop);
-        }
         let delta = a.detok.push(tok, id);
         a.pending_text.push_str(&delta);
 
@@ -543,9 +550,14 @@ impl Scheduler {
         if release > 0 || !a.pending_logprobs.is_empty() {
             let text: String = a.pending_text.drain(..release).collect();
             let logprobs = std::mem::take(&mut a.pending_logprobs);
+            let tokens = std::mem::take(&mut a.unreported);
             if a.req
                 .events
-                .try_send(Event::Delta { text, logprobs })
+                .try_send(Event::Delta {
+                    text,
+                    logprobs,
+                    tokens,
+                })
                 .is_err()
             {
                 // Receiver gone (client left); the next step's sweep frees the slot.
@@ -558,8 +570,13 @@ impl Scheduler {
         self.runner.free(a.seq);
         let text = std::mem::take(&mut a.pending_text);
         let logprobs = std::mem::take(&mut a.pending_logprobs);
-        if !text.is_empty() || !logprobs.is_empty() {
-            let _ = a.req.events.try_send(Event::Delta { text, logprobs });
+        let tokens = std::mem::take(&mut a.unreported);
+        if !text.is_empty() || !logprobs.is_empty() || tokens > 0 {
+            let _ = a.req.events.try_send(Event::Delta {
+                text,
+                logprobs,
+                tokens,
+            });
         }
         let _ = a.req.events.try_send(Event::Done {
             finish,

@@ -22,6 +22,10 @@ const LLAMA3_PRETOKENIZER_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{
 /// The tokenizer and the special tokens the engine needs to know about.
 pub struct ModelTokenizer {
     pub inner: Tokenizer,
+    /// The same tokenizer with special tokens encoded as plain text: for untrusted text
+    /// (message contents, completion prompts), where `<|im_start|>` typed by a user must not
+    /// become the control token.
+    plain: Tokenizer,
     pub bos_id: Option<u32>,
     pub eos_id: u32,
     /// Every id that ends a generation (EOS, end-of-turn tokens).
@@ -154,8 +158,11 @@ impl ModelTokenizer {
         stop_ids.sort_unstable();
         stop_ids.dedup();
 
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
         Ok(Self {
             vocab_size: tokens.len(),
+            plain,
             inner,
             bos_id,
             eos_id,
@@ -170,21 +177,75 @@ impl ModelTokenizer {
         })
     }
 
-    /// Token ids of an already rendered prompt. Special tokens written in the text (from the
-    /// chat template) are recognised; BOS is added only if the model asks for it.
+    /// Token ids of a rendered chat prompt. Control tokens are recognised only in what the
+    /// template itself wrote: each message's content (`contents`, in order) is located in the
+    /// rendered text and encoded as plain text. BOS is added only if the model asks for it.
+    pub fn encode_chat(&self, rendered: &str, contents: &[&str]) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        let mut at = 0;
+        for content in contents {
+            let Some((start, end)) = find_content(rendered, at, content) else {
+                // The template transformed this content beyond recognition. If it holds no
+                // control-token text, encoding it with the template's text is harmless;
+                // otherwise refuse rather than risk a forged turn.
+                if self.holds_control_text(content) {
+                    bail!(
+                        "a message whose content holds control-token text was transformed by the template"
+                    );
+                }
+                continue;
+            };
+            ids.extend(self.encode_with(&self.inner, &rendered[at..start])?);
+            ids.extend(self.encode_with(&self.plain, &rendered[start..end])?);
+            at = end;
+        }
+        ids.extend(self.encode_with(&self.inner, &rendered[at..])?);
+        Ok(self.with_bos(ids))
+    }
+
+    /// Token ids of untrusted text (a completion prompt): control tokens written in it are
+    /// encoded as the characters they are made of.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let ids = self.encode_with(&self.plain, text)?;
+        Ok(self.with_bos(ids))
+    }
+
+    /// Token ids of trusted text, control tokens recognised (the chat template's output when no
+    /// message is involved, and tests).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
+        let ids = self.encode_with(&self.inner, text)?;
+        Ok(self.with_bos(ids))
+    }
+
+    fn encode_with(&self, t: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        let enc = t
             .encode_fast(text, false)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut ids = enc.get_ids().to_vec();
+        Ok(enc.get_ids().to_vec())
+    }
+
+    fn with_bos(&self, mut ids: Vec<u32>) -> Vec<u32> {
         if self.add_bos
             && let Some(bos) = self.bos_id
             && ids.first() != Some(&bos)
         {
             ids.insert(0, bos);
         }
-        Ok(ids)
+        ids
+    }
+
+    /// Whether `text` contains the text of any control (special) token.
+    fn holds_control_text(&self, text: &str) -> bool {
+        self.encode_with(&self.inner, text)
+            .map(|ids| ids.iter().any(|&id| self.is_special(id)))
+            .unwrap_or(true)
+    }
+
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special.get(id as usize).copied().unwrap_or(false)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -210,6 +271,20 @@ impl ModelTokenizer {
             _ => piece.into_bytes(),
         }
     }
+}
+
+/// Where `content` (or, for templates that trim it, its trimmed form) appears in `rendered` at
+/// or after byte `from`.
+fn find_content(rendered: &str, from: usize, content: &str) -> Option<(usize, usize)> {
+    for c in [content, content.trim()] {
+        if c.is_empty() {
+            continue;
+        }
+        if let Some(i) = rendered[from..].find(c) {
+            return Some((from + i, from + i + c.len()));
+        }
+    }
+    None
 }
 
 /// GPT-2's byte-level alphabet, inverted: printable bytes stand for themselves, the others were

@@ -13,39 +13,27 @@
 //!    the descriptor opened in step 1, already confined: Landlock leaves no path readable;
 //! 6. start the network runtime and accept connections.
 
-use std::net::SocketAddr;
+mod connection;
+
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context as TaskContext, Poll};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
+use connection::{OVERLIMIT_CONNECTION_TIMEOUT, PerSource, serve_connection, serve_overlimit};
+
 use crate::api::{self, AppState, error::ApiError, limits::RateLimiter};
 use crate::cluster::config::Role;
-use crate::config::{Config, MAX_HEADERS_CEILING};
+use crate::config::Config;
 use crate::infer::scheduler::{self, SchedulerConfig, StepRunner};
 use crate::keys::KeyStore;
 use crate::metrics::Metrics;
-
-/// Time allowed for a TLS handshake before the connection is dropped (slow-handshake DoS).
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Slack hyper allows above `limits.max_header_bytes` so that requests just over the limit get
-/// our named JSON answer; beyond it hyper closes with a bare 431.
-const HEADER_BYTES_SLACK: usize = 8 << 10;
-/// HTTP/2 streams per connection; the in-flight limit applies across connections anyway.
-const H2_MAX_CONCURRENT_STREAMS: u32 = 32;
-/// How long an over-limit connection is kept to deliver its 503.
-const OVERLIMIT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn run(config_path: &Path) -> Result<()> {
     let cfg = Config::load(config_path)?;
@@ -382,6 +370,7 @@ async fn serve(
     let acceptor = tls.map(TlsAcceptor::from);
     let conns = Arc::new(Semaphore::new(cfg.limits.max_connections));
     let overlimit = Arc::new(Semaphore::new(cfg.limits.max_connections));
+    let per_source = Arc::new(PerSource::default());
     tracing::info!(
         listen = %server.listen,
         tls = acceptor.is_some(),
@@ -405,21 +394,32 @@ async fn serve(
             _ = sigint.recv() => break,
         };
         let _ = tcp.set_nodelay(true);
+        let over = |what: &'static str, tcp| {
+            // Over a limit: answer one 503 naming it (bounded by a second pool), or drop.
+            if let Ok(p) = overlimit.clone().try_acquire_owned() {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let _p = p;
+                    let _ = tokio::time::timeout(
+                        OVERLIMIT_CONNECTION_TIMEOUT,
+                        serve_overlimit(tcp, acceptor, what),
+                    )
+                    .await;
+                });
+            }
+        };
+        let Some(source) = per_source.try_open(peer.ip(), cfg.limits.max_connections_per_source)
+        else {
+            state
+                .metrics
+                .count_response(503, "limits.max_connections_per_source");
+            over("limits.max_connections_per_source", tcp);
+            continue;
+        };
         let permit = match conns.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                // Over the limit: answer one 503 naming it (bounded by a second pool), or drop.
-                if let Ok(p) = overlimit.clone().try_acquire_owned() {
-                    let acceptor = acceptor.clone();
-                    tokio::spawn(async move {
-                        let _p = p;
-                        let _ = tokio::time::timeout(
-                            OVERLIMIT_CONNECTION_TIMEOUT,
-                            serve_overlimit(tcp, acceptor),
-                        )
-                        .await;
-                    });
-                }
+                over("limits.max_connections", tcp);
                 continue;
             }
         };
@@ -430,6 +430,7 @@ async fn serve(
         let grace = Duration::from_secs(server.shutdown_grace_secs);
         tokio::spawn(async move {
             let _permit = permit;
+            let _source = source;
             state.metrics.connections.fetch_add(1, Ordering::Relaxed);
             serve_connection(tcp, peer, acceptor, state.clone(), &limits, shutdown, grace).await;
             state.metrics.connections.fetch_sub(1, Ordering::Relaxed);
@@ -442,110 +443,6 @@ async fn serve(
     let _ = tokio::time::timeout(grace, conns.acquire_many(all)).await;
     tracing::info!("stopped");
     Ok(())
-}
-
-fn http_builder(limits: &crate::config::Limits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(limits.header_read_timeout_secs))
-        .max_headers(MAX_HEADERS_CEILING)
-        .max_buf_size((limits.max_header_bytes + HEADER_BYTES_SLACK).max(8192))
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
-        .max_header_list_size((limits.max_header_bytes + HEADER_BYTES_SLACK) as u32)
-        .max_pending_accept_reset_streams(16)
-        .max_local_error_reset_streams(64);
-    b
-}
-
-/// Serve one connection until it closes, idles out, or the server shuts down.
-async fn serve_connection(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    acceptor: Option<TlsAcceptor>,
-    state: Arc<AppState>,
-    limits: &crate::config::Limits,
-    mut shutdown: watch::Receiver<bool>,
-    grace: Duration,
-) {
-    let activity = Arc::new(Activity::default());
-    let io: Box<dyn Io> = match acceptor {
-        Some(a) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, a.accept(tcp)).await {
-            Ok(Ok(s)) => Box::new(s),
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => return,
-        },
-        None => Box::new(tcp),
-    };
-    let io = TokioIo::new(Tracked {
-        inner: io,
-        activity: activity.clone(),
-    });
-    let act = activity.clone();
-    let svc = service_fn(move |req| {
-        let state = state.clone();
-        let act = act.clone();
-        async move {
-            act.requests.fetch_add(1, Ordering::Relaxed);
-            let r = api::handle(state, req).await;
-            act.requests.fetch_sub(1, Ordering::Relaxed);
-            act.touch();
-            Ok::<_, std::convert::Infallible>(r)
-        }
-    });
-    let builder = http_builder(limits);
-    let conn = builder.serve_connection(io, svc);
-    tokio::pin!(conn);
-    let idle = Duration::from_secs(limits.idle_timeout_secs);
-    loop {
-        tokio::select! {
-            _ = conn.as_mut() => return,
-            _ = shutdown.changed() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(grace, conn.as_mut()).await;
-                return;
-            }
-            _ = tokio::time::sleep(idle / 4) => {
-                if activity.requests.load(Ordering::Relaxed) == 0 && activity.idle_for() >= idle {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// One 503 naming `limits.max_connections`, then close.
-async fn serve_overlimit(tcp: TcpStream, acceptor: Option<TlsAcceptor>) {
-    let io: Box<dyn Io> = match acceptor {
-        Some(a) => match a.accept(tcp).await {
-            Ok(s) => Box::new(s),
-            Err(_) => return,
-        },
-        None => Box::new(tcp),
-    };
-    let svc = service_fn(|_req: hyper::Request<hyper::body::Incoming>| async {
-        let e = ApiError::Overloaded {
-            what: "limits.max_connections",
-            retry_after_secs: 1,
-        };
-        let mut r = api::error_response(&e);
-        r.headers_mut().insert(
-            hyper::header::CONNECTION,
-            hyper::header::HeaderValue::from_static("close"),
-        );
-        Ok::<_, std::convert::Infallible>(r)
-    });
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1().keep_alive(false);
-    let _ = b.serve_connection(TokioIo::new(io), svc).await;
 }
 
 async fn serve_metrics(
@@ -584,75 +481,5 @@ async fn serve_metrics(
                 .keep_alive(false);
             let _ = b.serve_connection(TokioIo::new(tcp), svc).await;
         });
-    }
-}
-
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-/// When the connection last moved a byte, and how many requests are being handled on it.
-#[derive(Default)]
-struct Activity {
-    last_ms: AtomicU64,
-    requests: AtomicUsize,
-    epoch: std::sync::OnceLock<Instant>,
-}
-
-impl Activity {
-    fn now_ms(&self) -> u64 {
-        self.epoch.get_or_init(Instant::now).elapsed().as_millis() as u64
-    }
-    fn touch(&self) {
-        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
-    }
-    fn idle_for(&self) -> Duration {
-        Duration::from_millis(
-            self.now_ms()
-                .saturating_sub(self.last_ms.load(Ordering::Relaxed)),
-        )
-    }
-}
-
-/// An I/O wrapper that records activity for the idle timeout.
-struct Tracked {
-    inner: Box<dyn Io>,
-    activity: Arc<Activity>,
-}
-
-impl AsyncRead for Tracked {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        r
-    }
-}
-
-impl AsyncWrite for Tracked {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
