@@ -215,7 +215,7 @@ class Lab:
     # --- processes ----------------------------------------------------------------------------
 
     def spawn(self, ns, cmd, log=None):
-        p = subprocess.Popen(["ip", "netns", "exec", ns] + [str(c) for c in cmd],
+        p = subprocess.Popen(["ip", "netns", "exec", ns] + [str(c) for c in cmd], env={**os.environ, "NO_COLOR": "1"},
                              stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
         self.procs.append(p)
         return p
@@ -370,7 +370,7 @@ class Lab:
             self.record(f"{name}: firewall verify after apply", v.returncode == 0, v.stdout + v.stderr)
 
     def start_node(self, name):
-        """Start the node's engine and wait until it is ready: a worker listens, an API serves."""
+        """Start the node's engine and wait until it listens and logs `serving`."""
         node = self.nodes[name]
         ns = self.ns(name)
         since = node["_log"].stat().st_size if node["_log"].exists() else 0
@@ -379,9 +379,9 @@ class Lab:
         log.close()
         if node["role"] == "worker":
             self.wait_listening(ns, node["cluster_port"], node["_proc"])
-            return
-        self.wait_port(ns, node["address"], node["api_port"], proc=node["_proc"])
-        # The port is bound before the model loads: wait until the engine says it serves.
+        else:
+            self.wait_port(ns, node["address"], node["api_port"], proc=node["_proc"])
+        # Ports are bound before the model loads: wait until the engine says it serves.
         self.wait_log(node, "serving", since)
 
     def wait_pipeline(self):
@@ -473,6 +473,22 @@ class Lab:
                 self.wait_port(self.ns(name), "127.0.0.1", svc["port"])
         if self.head:
             self.wait_pipeline()
+
+    def save_logs(self, dest):
+        """Copy every engine's log and configuration to `dest` (the lab's directory goes away)."""
+        dest = Path(dest)
+        for name, node in self.nodes.items():
+            for what in ("_log", "_config"):
+                if node.get(what) and node[what].exists():
+                    (dest / name).mkdir(parents=True, exist_ok=True)
+                    shutil.copy(node[what], dest / name / node[what].name)
+
+    def show_logs(self, lines=25):
+        """The end of every engine's log, printed after a failed run."""
+        for name, node in self.nodes.items():
+            if node.get("_log") and node["_log"].exists():
+                tail = node["_log"].read_text(errors="replace").splitlines()[-lines:]
+                print(f"--- {name}: last {len(tail)} lines of its log", *tail, sep="\n", flush=True)
 
     def down(self):
         for p in self.procs:
@@ -644,6 +660,7 @@ def main():
     ap.add_argument("topology")
     ap.add_argument("--bin", default=str(ROOT / "target/release/bulwark"))
     ap.add_argument("--model", default=str(ROOT / ".demo/model/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--keep-logs", metavar="DIR", help="copy every engine's log and configuration to DIR")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("the lab needs root (network namespaces, nftables)")
@@ -667,6 +684,10 @@ def main():
     except (Exception, KeyboardInterrupt, SystemExit) as e:  # noqa: BLE001
         lab.record("lab run", False, "interrupted" if isinstance(e, (KeyboardInterrupt, SystemExit)) else repr(e))
     finally:
+        if lab.failures:
+            lab.show_logs()
+        if args.keep_logs:
+            lab.save_logs(args.keep_logs)
         lab.down()
     print(f"topology {topo['name']}: {'all checks passed' if not lab.failures else f'{len(lab.failures)} failed'}")
     sys.exit(1 if lab.failures else 0)
