@@ -169,3 +169,35 @@ def test_an_abandoned_non_streaming_request_is_logged(make_server):
             return
         time.sleep(0.3)
     raise AssertionError("no log line for an abandoned request: " + srv.logs()[-2000:])
+
+
+def test_large_prompts_do_not_stall_other_connections(make_server):
+    """Regression: a 1 MB prompt was tokenized on the network thread for over a second before
+    being refused, and every other connection (TLS handshakes included) waited."""
+    srv = make_server("[limits]\nmax_body_bytes = 2097152\n")
+    headers = {"authorization": f"Bearer {srv.key}"}
+    huge = "word " * 200_000  # 1 MB: provably too long from its size alone
+    big = "word " * 50_000  # 250 KB: must be tokenized to know
+    results = {}
+
+    def post(name, text):
+        started = time.time()
+        r = httpx.post(srv.url + "/v1/chat/completions", verify=srv.ssl_context(), timeout=60, headers=headers,
+                       json={"model": MODEL_NAME, "messages": [{"role": "user", "content": text}]})
+        results[name] = (r.status_code, r.json()["error"]["code"], time.time() - started)
+
+    threads = [threading.Thread(target=post, args=(f"big{i}", big)) for i in range(3)]
+    threads.append(threading.Thread(target=post, args=("huge", huge)))
+    for t in threads:
+        t.start()
+    worst = 0.0
+    while any(t.is_alive() for t in threads):
+        started = time.time()
+        assert keyed_models(srv) == 200
+        worst = max(worst, time.time() - started)
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert all(code == 400 and err == "prompt_too_long" for code, err, _ in results.values()), results
+    assert results["huge"][2] < 1.0, results
+    assert worst < 0.5, f"a concurrent request took {worst:.2f} s"

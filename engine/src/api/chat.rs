@@ -3,6 +3,7 @@
 use hyper::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use std::sync::Arc;
 
 use super::error::ApiError;
 use super::openai::{self, ChunkFormat, Prepared, SamplingFields, StopField, StreamOptions};
@@ -184,6 +185,8 @@ pub fn prepare(state: &AppState, r: ChatRequest) -> Result<(Prepared, bool, bool
             "messages",
         )
     })?;
+    let text_bytes: usize = messages.iter().map(|m| m.content.len()).sum();
+    openai::check_prompt_bytes(state, text_bytes, "messages")?;
     let rendered = template.render(&messages, true).map_err(|e| {
         tracing::warn!(error = %format!("{e:#}"), "chat template rejected the conversation");
         ApiError::invalid(
@@ -205,8 +208,13 @@ pub fn prepare(state: &AppState, r: ChatRequest) -> Result<(Prepared, bool, bool
             )
         })?;
     let requested = r.max_completion_tokens.or(r.max_tokens);
-    let max_tokens =
-        openai::check_lengths(state, prompt.len(), requested, state.limits.max_tokens)?;
+    let max_tokens = openai::check_lengths(
+        state,
+        prompt.len(),
+        "messages",
+        requested,
+        state.limits.max_tokens,
+    )?;
     let (stream, include_usage) = openai::stream_flags(r.stream, r.stream_options.as_ref())?;
     Ok((
         Prepared {
@@ -222,7 +230,7 @@ pub fn prepare(state: &AppState, r: ChatRequest) -> Result<(Prepared, bool, bool
 }
 
 pub async fn handle(
-    state: &AppState,
+    state: &Arc<AppState>,
     body: Value,
     ctx: &mut RequestCtx,
 ) -> Result<Handled, ApiError> {
@@ -231,7 +239,12 @@ pub async fn handle(
         param: None,
         code: "invalid_request",
     })?;
-    let (prepared, stream, include_usage) = prepare(state, req)?;
+    // Rendering and tokenizing run off the network threads: a large prompt must not stall
+    // other connections' handshakes and requests.
+    let st = Arc::clone(state);
+    let (prepared, stream, include_usage) = tokio::task::spawn_blocking(move || prepare(&st, req))
+        .await
+        .map_err(|_| ApiError::Internal)??;
     let want_logprobs = prepared.logprobs.is_some();
     let rx = openai::submit(state, ctx, prepared)?;
     let id = format!("chatcmpl-{}", ctx.request_id);

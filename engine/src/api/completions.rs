@@ -3,6 +3,7 @@
 use hyper::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use std::sync::Arc;
 
 use super::error::ApiError;
 use super::openai::{self, ChunkFormat, Prepared, SamplingFields, StopField, StreamOptions};
@@ -67,6 +68,7 @@ fn prompt_ids(state: &AppState, prompt: Value) -> Result<Vec<u32>, ApiError> {
     if text.len() > state.limits.max_body_bytes {
         return Err(bad());
     }
+    openai::check_prompt_bytes(state, text.len(), "prompt")?;
     // A prompt is untrusted text: control-token strings in it stay text (docs/openapi.yaml).
     state.model.tokenizer.encode_plain(&text).map_err(|e| {
         tracing::error!(error = %format!("{e:#}"), "tokenizer failed");
@@ -75,7 +77,7 @@ fn prompt_ids(state: &AppState, prompt: Value) -> Result<Vec<u32>, ApiError> {
 }
 
 pub async fn handle(
-    state: &AppState,
+    state: &Arc<AppState>,
     body: Value,
     ctx: &mut RequestCtx,
 ) -> Result<Handled, ApiError> {
@@ -118,8 +120,18 @@ pub async fn handle(
         Some(n) => Some(openai::check_top_logprobs(Some(n))?),
         None => None,
     };
-    let prompt = prompt_ids(state, r.prompt)?;
-    let max_tokens = openai::check_lengths(state, prompt.len(), r.max_tokens, DEFAULT_MAX_TOKENS)?;
+    // Tokenizing runs off the network threads (see chat.rs).
+    let st = Arc::clone(state);
+    let prompt = tokio::task::spawn_blocking(move || prompt_ids(&st, r.prompt))
+        .await
+        .map_err(|_| ApiError::Internal)??;
+    let max_tokens = openai::check_lengths(
+        state,
+        prompt.len(),
+        "prompt",
+        r.max_tokens,
+        DEFAULT_MAX_TOKENS,
+    )?;
     let (stream, include_usage) = openai::stream_flags(r.stream, r.stream_options.as_ref())?;
 
     let rx = openai::submit(

@@ -249,7 +249,7 @@ const ROUTES: &[(&str, &str, &str)] = &[
 ];
 
 async fn dispatch<B>(
-    state: &AppState,
+    state: &Arc<AppState>,
     req: Request<B>,
     ctx: &mut RequestCtx,
 ) -> Result<Handled, ApiError>

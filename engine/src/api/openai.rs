@@ -163,16 +163,41 @@ pub struct Prepared {
     pub logprobs: Option<usize>,
 }
 
+/// Refuse a prompt whose text alone proves it too long, before it is tokenized: a text of N
+/// bytes has at least N / (longest token in bytes) tokens. Bounds the tokenizer's work per
+/// request whatever the body size.
+pub fn check_prompt_bytes(
+    state: &AppState,
+    bytes: usize,
+    param: &'static str,
+) -> Result<(), ApiError> {
+    let l = &state.limits;
+    let at_least = bytes / state.model.tokenizer.max_token_bytes;
+    if at_least > l.max_prompt_tokens {
+        return Err(ApiError::InvalidRequest {
+            message: format!(
+                "The prompt is at least {at_least} tokens ({bytes} bytes); the limit \
+                 (limits.max_prompt_tokens) is {}.",
+                l.max_prompt_tokens
+            ),
+            param: Some(param),
+            code: "prompt_too_long",
+        });
+    }
+    Ok(())
+}
+
 /// Check prompt length and `max_tokens` against the limits and the context window.
 pub fn check_lengths(
     state: &AppState,
     prompt_len: usize,
+    prompt_param: &'static str,
     requested: Option<u64>,
     default: usize,
 ) -> Result<usize, ApiError> {
     let l = &state.limits;
     if prompt_len == 0 {
-        return Err(ApiError::invalid("The prompt is empty.", "prompt"));
+        return Err(ApiError::invalid("The prompt is empty.", prompt_param));
     }
     if prompt_len > l.max_prompt_tokens {
         return Err(ApiError::InvalidRequest {
@@ -180,7 +205,7 @@ pub fn check_lengths(
                 "The prompt is {prompt_len} tokens; the limit (limits.max_prompt_tokens) is {}.",
                 l.max_prompt_tokens
             ),
-            param: Some("messages"),
+            param: Some(prompt_param),
             code: "prompt_too_long",
         });
     }

@@ -37,6 +37,9 @@ pub struct ModelTokenizer {
     pub special_count: usize,
     /// Per id: a control or user-defined token, stored as plain text.
     special: Vec<bool>,
+    /// Bytes in the longest token: a text of N bytes is at least N / this many tokens, which
+    /// bounds a prompt before it is tokenized.
+    pub max_token_bytes: usize,
 }
 
 impl ModelTokenizer {
@@ -160,7 +163,9 @@ impl ModelTokenizer {
 
         let mut plain = inner.clone();
         plain.set_encode_special_tokens(true);
+        let max_token_bytes = tokens.iter().map(String::len).max().unwrap_or(1).max(1);
         Ok(Self {
+            max_token_bytes,
             vocab_size: tokens.len(),
             plain,
             inner,
