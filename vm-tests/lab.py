@@ -161,15 +161,15 @@ class Lab:
         self.topo = topo
         self.bin = bin_path
         self.model = model
+        self.nodes = {n["name"]: n for n in topo["nodes"]}
+        self.validate()
         self.procs = []
         self.namespaces = []
         self.tmp = Path(tempfile.mkdtemp(prefix="bwlab-"))
         os.chmod(self.tmp, 0o755)
-        self.nodes = {n["name"]: n for n in topo["nodes"]}
         self.keys = {}
         self.failures = []
         self.reference = {}  # prompt -> the single-node engine's completion
-        self.validate()
 
     # --- the topology -------------------------------------------------------------------------
 
@@ -177,6 +177,10 @@ class Lab:
         for name, node in self.nodes.items():
             if node.get("role") not in ROLES:
                 raise ValueError(f"node {name}: role must be one of {', '.join(ROLES)}")
+            needs = {"engine": ["api_port"], "head": ["api_port", "layers"], "worker": ["cluster_port", "layers"]}
+            for key in needs.get(node["role"], []):
+                if key not in node:
+                    raise ValueError(f"node {name}: a {node['role']} needs {key}")
         heads = [n for n, node in self.nodes.items() if node["role"] == "head"]
         workers = [n for n, node in self.nodes.items() if node["role"] == "worker"]
         if len(heads) > 1:
@@ -226,7 +230,8 @@ class Lab:
             uid = int(sh("id", "-u", ENGINE_USER).stdout)
             gid = int(sh("id", "-g", ENGINE_USER).stdout)
             cmd = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"] + cmd
-        return sh(*cmd, ns=ns, check=False).stdout.strip()
+        r = sh(*cmd, ns=ns, check=False)
+        return r.stdout.strip() or f"probe error: {r.stderr.strip()[-400:]}"
 
     def http(self, ns, as_user, host, port, ca, path, key=None, body=None, timeout=10.0):
         out = self.probe(ns, as_user, mode="http", host=host, port=port, ca=str(ca), path=path, key=key,
@@ -671,7 +676,10 @@ def main():
             sh("ip", "netns", "del", line.split()[0], check=False)
     # SIGTERM (a CI timeout) unwinds like an exception, so the teardown still runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    lab = Lab(topo, args.bin, args.model)
+    try:
+        lab = Lab(topo, args.bin, args.model)
+    except (ValueError, KeyError, TypeError) as e:
+        sys.exit(f"{args.topology}: {e}")
     try:
         lab.run_reference()
         lab.up()
