@@ -53,7 +53,8 @@ pub enum Command {
         #[command(subcommand)]
         command: FirewallCommand,
     },
-    /// Probe any OpenAI-compatible server's HTTP posture; exit 0 clean, 1 findings, 2 unreachable.
+    /// Probe any OpenAI-compatible server's HTTP posture; exit 0 clean, 1 findings, 2 unreachable
+    /// or a usage error, 3 inconclusive (no finding, but some probes got no definite answer).
     Audit {
         /// Base URL, e.g. https://host:8443
         url: String,
@@ -69,6 +70,9 @@ pub enum Command {
         /// Seconds per probe.
         #[arg(long, default_value_t = 10)]
         timeout: u64,
+        /// Seconds for the whole audit; probes not sent by then count as inconclusive.
+        #[arg(long, default_value_t = 120)]
+        deadline: u64,
         #[arg(long, value_enum, default_value = "text")]
         format: AuditFormat,
         /// Send real empty POSTs to state-changing routes (/pause, /sleep, ...) instead of GETs.

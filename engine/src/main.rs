@@ -59,42 +59,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ca,
             insecure,
             timeout,
+            deadline,
             format,
             intrusive,
         } => {
-            let api_key = match api_key_file {
-                Some(f) => Some(
-                    std::fs::read_to_string(&f)
-                        .with_context(|| format!("reading {}", f.display()))?
-                        .lines()
-                        .next()
-                        .unwrap_or_default()
-                        .trim()
-                        .to_owned(),
-                ),
-                None => None,
-            };
             let opts = bulwark::audit::Options {
                 url,
-                api_key,
+                api_key: None,
                 ca,
                 insecure,
                 timeout: std::time::Duration::from_secs(timeout.max(1)),
+                deadline: std::time::Duration::from_secs(deadline.max(1)),
                 intrusive,
             };
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let Some(report) = rt.block_on(bulwark::audit::run(&opts))? else {
-                return Ok(ExitCode::from(2));
-            };
-            match format {
-                AuditFormat::Text => print!("{}", bulwark::audit::render_text(&report)),
-                AuditFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-            }
-            if report.checks.iter().any(|c| !c.passed) {
-                return Ok(ExitCode::from(1));
-            }
+            return audit(opts, api_key_file.as_deref(), format);
         }
         Command::Firewall { command } => match command {
             FirewallCommand::Print { config, format } => bulwark::firewall_cmd::print(
@@ -162,6 +140,45 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Exit statuses of `bulwark audit`.
+const AUDIT_FINDINGS: u8 = 1;
+const AUDIT_USAGE_OR_UNREACHABLE: u8 = 2;
+const AUDIT_INCONCLUSIVE: u8 = 3;
+
+fn audit(
+    mut opts: bulwark::audit::Options,
+    api_key_file: Option<&Path>,
+    format: AuditFormat,
+) -> Result<ExitCode> {
+    let usage = |e: anyhow::Error| {
+        eprintln!("error: {e:#}");
+        Ok(ExitCode::from(AUDIT_USAGE_OR_UNREACHABLE))
+    };
+    if let Some(f) = api_key_file {
+        match std::fs::read_to_string(f) {
+            Ok(s) => opts.api_key = Some(s.lines().next().unwrap_or_default().trim().to_owned()),
+            Err(e) => return usage(anyhow::anyhow!("reading {}: {e}", f.display())),
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = match rt.block_on(bulwark::audit::run(&opts)) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(ExitCode::from(AUDIT_USAGE_OR_UNREACHABLE)),
+        Err(e) => return usage(e),
+    };
+    match format {
+        AuditFormat::Text => print!("{}", bulwark::audit::render_text(&report)),
+        AuditFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    Ok(match report.verdict() {
+        bulwark::audit::Verdict::Pass => ExitCode::SUCCESS,
+        bulwark::audit::Verdict::Fail => ExitCode::from(AUDIT_FINDINGS),
+        bulwark::audit::Verdict::Inconclusive => ExitCode::from(AUDIT_INCONCLUSIVE),
+    })
 }
 
 /// Size candle's compute pool before any thread exists: an oversubscribed spin-waiting pool

@@ -92,3 +92,88 @@ def test_flags_plaintext_answered_on_the_tls_port(tmp_path):
     finally:
         p.terminate()
         p.wait()
+
+
+EXPOSURE_CHECKS = ALL_CHECKS - {"use-tls", "cors-not-wide-open", "auth-edge-cases", "no-errors-or-timeouts"}
+
+HOSTILE = r'''
+import socket, ssl, sys, threading, time
+mode, port = sys.argv[1], int(sys.argv[2])
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", port)); srv.listen(256)
+ctx = None
+if len(sys.argv) > 3:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(sys.argv[3], sys.argv[4])
+def serve(c):
+    try:
+        if ctx:
+            c = ctx.wrap_socket(c, server_side=True)
+        c.recv(65536)
+        if mode == "redirect":
+            c.sendall(b"HTTP/1.1 302 Found\r\nLocation: https://sso.example/login\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        else:  # black hole: a handshake, then silence
+            time.sleep(3600)
+    except Exception:
+        pass
+    finally:
+        c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+'''
+
+
+def hostile(mode, tmp_path, tls=False):
+    port = free_port()
+    args = [sys.executable, "-c", HOSTILE, mode, str(port)]
+    if tls:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                        "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-addext", "basicConstraints=critical,CA:FALSE",
+                        "-keyout", tmp_path / "k.pem", "-out", tmp_path / "c.pem"], check=True, capture_output=True)
+        args += [tmp_path / "c.pem", tmp_path / "k.pem"]
+    p = subprocess.Popen(args)
+    time.sleep(0.5)
+    return p, port
+
+
+def test_a_redirecting_gateway_is_not_reported_as_exposing_every_route(tmp_path):
+    """Regression: an SSO gateway that redirects everything was reported as exposing every
+    route (critical false positives)."""
+    p, port = hostile("redirect", tmp_path, tls=True)
+    try:
+        rc, report, err = audit(f"https://127.0.0.1:{port}", "--ca", tmp_path / "c.pem")
+        by_id = {c["id"]: c for c in report["checks"]}
+        assert all(by_id[i]["verdict"] == "pass" for i in EXPOSURE_CHECKS), \
+            [(i, by_id[i]["evidence"][:1]) for i in EXPOSURE_CHECKS if by_id[i]["verdict"] != "pass"]
+        assert any("redirect" in n and "sso.example" in n for n in report["notes"]), report["notes"]
+    finally:
+        p.terminate()
+        p.wait()
+
+
+def test_a_silent_server_is_inconclusive_within_the_deadline(tmp_path):
+    """Regression: timeouts counted as passes, and a slow server kept the audit running for
+    minutes. Now every undecided check says so, exit 3, and the deadline bounds the run."""
+    p, port = hostile("blackhole", tmp_path, tls=True)
+    try:
+        started = time.time()
+        r = subprocess.run([BIN, "audit", f"https://127.0.0.1:{port}", "--ca", tmp_path / "c.pem", "--format", "json",
+                            "--timeout", "2", "--deadline", "6"], capture_output=True, text=True, timeout=60)
+        took = time.time() - started
+        report = json.loads(r.stdout)
+        assert r.returncode == 3, (r.returncode, r.stderr)
+        assert took < 15, took
+        by_id = {c["id"]: c for c in report["checks"]}
+        assert all(by_id[i]["verdict"] == "inconclusive" for i in EXPOSURE_CHECKS), by_id
+        assert not any(c["verdict"] == "fail" for c in report["checks"]), report["checks"]
+    finally:
+        p.terminate()
+        p.wait()
+
+
+def test_usage_errors_exit_2_not_like_findings():
+    for url in ["not a url", "ftp://127.0.0.1/", "https://127.0.0.1:notaport/"]:
+        r = subprocess.run([BIN, "audit", url], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2, (url, r.returncode, r.stderr)
+        assert "error" in r.stderr.lower(), r.stderr

@@ -39,6 +39,8 @@ pub struct Options {
     pub ca: Option<std::path::PathBuf>,
     pub insecure: bool,
     pub timeout: Duration,
+    /// The whole audit's time budget: probes not sent by then get no answer (inconclusive).
+    pub deadline: Duration,
     pub intrusive: bool,
 }
 
@@ -50,6 +52,7 @@ struct Target {
     tls: Option<tokio_rustls::TlsConnector>,
     server_name: Option<ServerName<'static>>,
     timeout: Duration,
+    deadline: tokio::time::Instant,
 }
 
 /// What one request got back: a status, or the transport error.
@@ -88,10 +91,12 @@ pub struct Probe {
     pub authenticated: Option<Answer>,
 }
 
-/// The scanner's verdicts (posture-scanner.md §2.2).
+/// The scanner's verdicts (posture-scanner.md §2.2), with one correction: a redirect is not an
+/// answer (an SSO gateway redirects every anonymous request to its login page), so it counts as
+/// not exposed and is noted in the report. `None`: no definite answer (timeout, error, 5xx).
 fn anonymously_accessible(a: &Answer) -> Option<bool> {
     match a.status {
-        Some(401 | 403 | 404 | 501) => Some(false),
+        Some(401 | 403 | 404 | 501) | Some(300..=399) => Some(false),
         None => None,
         Some(s) if s >= 500 => None,
         Some(_) => Some(true),
@@ -100,11 +105,15 @@ fn anonymously_accessible(a: &Answer) -> Option<bool> {
 
 fn requires_auth(a: &Answer) -> Option<bool> {
     match a.status {
-        Some(401 | 403) => Some(true),
+        Some(401 | 403) | Some(300..=399) => Some(true),
         None | Some(404) => None,
         Some(s) if s >= 500 => None,
         Some(_) => Some(false),
     }
+}
+
+fn is_redirect(a: &Answer) -> bool {
+    a.status.is_some_and(|s| (300..400).contains(&s))
 }
 
 fn present(p: &Probe) -> bool {
@@ -162,6 +171,7 @@ impl Target {
             tls,
             server_name,
             timeout: o.timeout,
+            deadline: tokio::time::Instant::now() + o.deadline,
         })
     }
 
@@ -190,8 +200,18 @@ impl Target {
         headers: &[(&str, String)],
         body: Option<&'static str>,
     ) -> Answer {
-        match tokio::time::timeout(self.timeout, self.send_inner(method, path, headers, body)).await
-        {
+        let left = self
+            .deadline
+            .saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Answer {
+                status: None,
+                headers: vec![],
+                error: Some("not sent: the audit's deadline passed".into()),
+            };
+        }
+        let budget = self.timeout.min(left);
+        match tokio::time::timeout(budget, self.send_inner(method, path, headers, body)).await {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => Answer {
                 status: None,
@@ -403,6 +423,16 @@ const EXPOSURE_CHECKS: &[ExposureCheck] = &[
     },
 ];
 
+/// A check's verdict. Inconclusive: nothing failed, but some probe it depends on got no
+/// definite answer (a timeout, an error, a 5xx, the deadline), so it cannot pass either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Pass,
+    Fail,
+    Inconclusive,
+}
+
 /// One check's outcome.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -410,8 +440,12 @@ pub struct Check {
     pub title: &'static str,
     pub severity: &'static str,
     pub impact: u32,
+    pub verdict: Verdict,
     pub passed: bool,
     pub evidence: Vec<String>,
+    /// Probes without a definite answer (why the check is inconclusive).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub undecided: Vec<String>,
     pub remediation: &'static str,
 }
 
@@ -421,7 +455,24 @@ pub struct Report {
     pub authenticated: bool,
     pub score: u32,
     pub checks: Vec<Check>,
+    /// Observations that are not findings (redirects, treated as not exposed).
+    pub notes: Vec<String>,
     pub probes: Vec<Probe>,
+}
+
+impl Report {
+    /// The audit's overall verdict: any failure fails it; otherwise any inconclusive check
+    /// leaves it inconclusive.
+    pub fn verdict(&self) -> Verdict {
+        let any = |v| self.checks.iter().any(|c| c.verdict == v);
+        if any(Verdict::Fail) {
+            Verdict::Fail
+        } else if any(Verdict::Inconclusive) {
+            Verdict::Inconclusive
+        } else {
+            Verdict::Pass
+        }
+    }
 }
 
 fn severity(impact: u32) -> &'static str {
@@ -433,39 +484,66 @@ fn severity(impact: u32) -> &'static str {
     }
 }
 
+/// What a check found: evidence of failure, and probes it could not decide.
+#[derive(Default)]
+struct Findings {
+    evidence: Vec<String>,
+    undecided: Vec<String>,
+}
+
+impl From<Vec<String>> for Findings {
+    fn from(evidence: Vec<String>) -> Self {
+        Self {
+            evidence,
+            undecided: Vec::new(),
+        }
+    }
+}
+
 fn check(
     id: &'static str,
     title: &'static str,
     impact: u32,
     remediation: &'static str,
-    evidence: Vec<String>,
+    findings: impl Into<Findings>,
 ) -> Check {
+    let Findings {
+        evidence,
+        undecided,
+    } = findings.into();
+    let verdict = match (evidence.is_empty(), undecided.is_empty()) {
+        (false, _) => Verdict::Fail,
+        (true, false) => Verdict::Inconclusive,
+        (true, true) => Verdict::Pass,
+    };
     Check {
         id,
         title,
         severity: severity(impact),
         impact,
-        passed: evidence.is_empty(),
+        verdict,
+        passed: verdict == Verdict::Pass,
         evidence,
+        undecided,
         remediation,
     }
 }
 
-/// Probes of `cats` that answer anonymously.
-fn exposed(probes: &[Probe], cats: &[Category], paths: Option<&[&str]>) -> Vec<String> {
-    probes
+/// Probes of `cats` that answer anonymously, and those that got no definite answer.
+fn exposed(probes: &[Probe], cats: &[Category], paths: Option<&[&str]>) -> Findings {
+    let mut f = Findings::default();
+    for p in probes
         .iter()
         .filter(|p| cats.contains(&p.category) && paths.is_none_or(|ps| ps.contains(&p.path)))
-        .filter(|p| anonymously_accessible(&p.anonymous) == Some(true))
-        .map(|p| {
-            format!(
-                "{} {} answered {} without credentials",
-                p.method,
-                p.path,
-                p.anonymous.show()
-            )
-        })
-        .collect()
+    {
+        let line = format!("{} {} answered {}", p.method, p.path, p.anonymous.show());
+        match anonymously_accessible(&p.anonymous) {
+            Some(true) => f.evidence.push(line + " without credentials"),
+            Some(false) => {}
+            None => f.undecided.push(line),
+        }
+    }
+    f
 }
 
 pub async fn run(o: &Options) -> Result<Option<Report>> {
@@ -531,7 +609,7 @@ pub async fn run(o: &Options) -> Result<Option<Report>> {
         "Serve HTTPS natively (Bulwark: server.tls_cert/tls_key, the default) and never plain HTTP on the same port.", tls_evidence));
 
     // CORS: preflight and simple requests on several paths; a wildcard or a reflected origin fails.
-    let mut cors = Vec::new();
+    let mut cors = Findings::default();
     for path in ["/", "/v1/completions", "/v1/chat/completions", "/v1/models"] {
         let pre = [
             ("origin", PROBE_ORIGIN.to_owned()),
@@ -564,10 +642,15 @@ pub async fn run(o: &Options) -> Result<Option<Report>> {
         }
         for (what, a) in answers {
             match a.header("access-control-allow-origin") {
-                Some("*") => cors.push(format!("{what} {path}: Access-Control-Allow-Origin: *")),
-                Some(o) if o == PROBE_ORIGIN => {
-                    cors.push(format!("{what} {path}: reflects an arbitrary Origin"))
-                }
+                Some("*") => cors
+                    .evidence
+                    .push(format!("{what} {path}: Access-Control-Allow-Origin: *")),
+                Some(o) if o == PROBE_ORIGIN => cors
+                    .evidence
+                    .push(format!("{what} {path}: reflects an arbitrary Origin")),
+                _ if a.status.is_none() => cors
+                    .undecided
+                    .push(format!("{what} {path} answered {}", a.show())),
                 _ => {}
             }
         }
@@ -581,22 +664,19 @@ pub async fn run(o: &Options) -> Result<Option<Report>> {
     ));
 
     // OpenAI routes that exist must require authentication.
-    let openai: Vec<String> = probes
+    let mut openai = Findings::default();
+    for p in probes
         .iter()
-        .filter(|p| {
-            p.category == Category::Openai
-                && present(p)
-                && requires_auth(&p.anonymous) != Some(true)
-        })
-        .map(|p| {
-            format!(
-                "{} {} answered {} without credentials",
-                p.method,
-                p.path,
-                p.anonymous.show()
-            )
-        })
-        .collect();
+        .filter(|p| p.category == Category::Openai && (present(p) || p.anonymous.status.is_none()))
+    {
+        let line = format!("{} {} answered {}", p.method, p.path, p.anonymous.show());
+        match requires_auth(&p.anonymous) {
+            Some(true) => {}
+            Some(false) => openai.evidence.push(line + " without credentials"),
+            None if p.anonymous.status == Some(404) => {}
+            None => openai.undecided.push(line),
+        }
+    }
     checks.push(check(
         "openai-routes-require-authentication",
         "OpenAI routes require authentication",
@@ -615,7 +695,7 @@ pub async fn run(o: &Options) -> Result<Option<Report>> {
     }
 
     // Auth edge cases: path variants anonymously; the key from places other than the header.
-    let mut edge = Vec::new();
+    let mut edge = Findings::default();
     for v in [
         "//v1/models",
         "/v1/models/",
@@ -625,8 +705,14 @@ pub async fn run(o: &Options) -> Result<Option<Report>> {
         "/v1/models%2F",
     ] {
         let a = t.send("GET", v, &[], None).await;
-        if anonymously_accessible(&a) == Some(true) {
-            edge.push(format!("GET {v} answered {} without credentials", a.show()));
+        match anonymously_accessible(&a) {
+            Some(true) => edge
+                .evidence
+                .push(format!("GET {v} answered {} without credentials", a.show())),
+            Some(false) => {}
+            None => edge
+                .undecided
+                .push(format!("GET {v} answered {}", a.show())),
         }
     }
     if let Some(k) = &key {
@@ -634,13 +720,15 @@ pub async fn run(o: &Options) -> Result<Option<Report>> {
             .send("GET", &format!("/v1/models?api_key={k}"), &[], None)
             .await;
         if q.status.is_some_and(|s| (200..300).contains(&s)) {
-            edge.push("GET /v1/models accepted the key from the query string".into());
+            edge.evidence
+                .push("GET /v1/models accepted the key from the query string".into());
         }
         let x = t
             .send("GET", "/v1/models", &[("x-api-key", k.clone())], None)
             .await;
         if x.status.is_some_and(|s| (200..300).contains(&s)) {
-            edge.push("GET /v1/models accepted the key from an X-API-Key header".into());
+            edge.evidence
+                .push("GET /v1/models accepted the key from an X-API-Key header".into());
         }
     }
     checks.push(check(
@@ -651,17 +739,21 @@ pub async fn run(o: &Options) -> Result<Option<Report>> {
         edge,
     ));
 
-    // Errors and timeouts make verdicts unknown, and can hide exposures.
-    let errors: Vec<String> = probes
-        .iter()
-        .flat_map(|p| {
-            std::iter::once(("anonymous", &p.anonymous))
-                .chain(p.authenticated.iter().map(|a| ("with key", a)))
-                .map(move |(w, a)| (p, w, a))
-        })
-        .filter(|(_, _, a)| a.status.is_none_or(|s| s >= 500))
-        .map(|(p, w, a)| format!("{} {} ({w}) answered {}", p.method, p.path, a.show()))
-        .collect();
+    // A 5xx is a finding (an unhandled error on an unauthenticated path); a timeout or a
+    // transport error makes verdicts unknown, and can hide exposures: inconclusive.
+    let mut errors = Findings::default();
+    for (p, w, a) in probes.iter().flat_map(|p| {
+        std::iter::once(("anonymous", &p.anonymous))
+            .chain(p.authenticated.iter().map(|a| ("with key", a)))
+            .map(move |(w, a)| (p, w, a))
+    }) {
+        let line = format!("{} {} ({w}) answered {}", p.method, p.path, a.show());
+        match a.status {
+            Some(s) if s >= 500 => errors.evidence.push(line),
+            Some(_) => {}
+            None => errors.undecided.push(line),
+        }
+    }
     checks.push(check(
         "no-errors-or-timeouts",
         "No probe got a 5xx or timed out",
@@ -672,11 +764,28 @@ pub async fn run(o: &Options) -> Result<Option<Report>> {
 
     let total: u32 = checks.iter().map(|c| c.impact).sum();
     let passed: u32 = checks.iter().filter(|c| c.passed).map(|c| c.impact).sum();
+    let redirected: Vec<&Probe> = probes
+        .iter()
+        .filter(|p| is_redirect(&p.anonymous))
+        .collect();
+    let mut notes = Vec::new();
+    if let Some(first) = redirected.first() {
+        notes.push(format!(
+            "{} of {} routes answered anonymous requests with a redirect (e.g. {} {} to {}); \
+             redirects are not followed and count as not exposed",
+            redirected.len(),
+            probes.len(),
+            first.method,
+            first.path,
+            first.anonymous.header("location").unwrap_or("?")
+        ));
+    }
     Ok(Some(Report {
         target: o.url.clone(),
         authenticated: key.is_some(),
         score: passed * 100 / total.max(1),
         checks,
+        notes,
         probes,
     }))
 }
@@ -704,16 +813,33 @@ pub fn render_text(r: &Report) -> String {
             s,
             "{:<42} {:<6} {:<9} {}",
             c.id,
-            if c.passed { "pass" } else { "FAIL" },
+            match c.verdict {
+                Verdict::Pass => "pass",
+                Verdict::Fail => "FAIL",
+                Verdict::Inconclusive => "?",
+            },
             c.severity,
-            if c.passed { "" } else { c.remediation }
+            match c.verdict {
+                Verdict::Pass => "",
+                Verdict::Fail => c.remediation,
+                Verdict::Inconclusive =>
+                    "no definite answer from some probes (below); re-run with a longer --timeout",
+            }
         );
-        for e in c.evidence.iter().take(8) {
+        let shown = if c.verdict == Verdict::Fail {
+            &c.evidence
+        } else {
+            &c.undecided
+        };
+        for e in shown.iter().take(8) {
             let _ = writeln!(s, "    {e}");
         }
-        if c.evidence.len() > 8 {
-            let _ = writeln!(s, "    ... and {} more", c.evidence.len() - 8);
+        if shown.len() > 8 {
+            let _ = writeln!(s, "    ... and {} more", shown.len() - 8);
         }
+    }
+    for n in &r.notes {
+        let _ = writeln!(s, "\nnote: {n}");
     }
     let passed = r.checks.iter().filter(|c| c.passed).count();
     let mut by_status: BTreeMap<String, usize> = BTreeMap::new();
