@@ -53,9 +53,14 @@ pub fn make_cluster_ca(dir: &Path) -> Result<()> {
     create_private_dir(dir)?;
     let key = rcgen::KeyPair::generate().context("generating the CA key")?;
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "Bulwark cluster CA");
+    // A name of its own per CA: a certificate from another cluster's CA is then refused as
+    // from an unknown issuer, which is what it is, not as a bad signature.
+    let mut id = [0u8; 6];
+    getrandom::fill(&mut id).map_err(|e| anyhow::anyhow!("random CA id: {e}"))?;
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("Bulwark cluster CA {}", hex::encode(id)),
+    );
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     validity(&mut params, CLUSTER_CA_DAYS);
@@ -71,9 +76,10 @@ pub fn issue_node_cert(ca_dir: &Path, name: &str, ips: &[IpAddr], out: &Path) ->
     crate::cluster::config::validate_name(name).context("--name")?;
     let ca_key_path = ca_dir.join("ca.key");
     crate::keys::check_private_mode(&ca_key_path, "cluster CA key")?;
-    let ca_key = rcgen::KeyPair::from_pem(&read_small(&ca_key_path)?)
-        .with_context(|| format!("parsing {}", ca_key_path.display()))?;
-    let ca_pem = read_small(&ca_dir.join("ca.pem"))?;
+    let ca_key =
+        rcgen::KeyPair::from_pem(&crate::files::read_small(&ca_key_path, "cluster CA key")?)
+            .with_context(|| format!("parsing {}", ca_key_path.display()))?;
+    let ca_pem = crate::files::read_small(&ca_dir.join("ca.pem"), "cluster CA certificate")?;
     let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key)
         .with_context(|| format!("parsing {}", ca_dir.join("ca.pem").display()))?;
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
@@ -95,24 +101,6 @@ pub fn issue_node_cert(ca_dir: &Path, name: &str, ips: &[IpAddr], out: &Path) ->
     write_private(&out.join("key.pem"), key.serialize_pem().as_bytes())?;
     // The chain a node presents: its own certificate (the CA is configured on every node).
     write_new(&out.join("cert.pem"), cert.pem().as_bytes())
-}
-
-/// Largest certificate or key file read (a PEM CA is a few kilobytes).
-const MAX_PEM_BYTES: u64 = 1 << 20;
-
-fn read_small(path: &Path) -> Result<String> {
-    use std::io::Read;
-    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    anyhow::ensure!(
-        f.metadata()?.is_file(),
-        "{} is not a regular file",
-        path.display()
-    );
-    let mut s = String::new();
-    f.take(MAX_PEM_BYTES)
-        .read_to_string(&mut s)
-        .with_context(|| format!("reading {}", path.display()))?;
-    Ok(s)
 }
 
 fn create_private_dir(dir: &Path) -> Result<()> {

@@ -318,8 +318,7 @@ pub const MAX_HEADERS_CEILING: usize = 100;
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading configuration {}", path.display()))?;
+        let text = crate::files::read_small(path, "configuration")?;
         let mut cfg: Config = toml::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("configuration {} is invalid", path.display()))?;
@@ -376,6 +375,11 @@ impl Config {
                 s.client_ca.is_none(),
                 "server.client_ca needs TLS; it cannot be combined with server.plaintext"
             );
+            ensure!(
+                s.tls_cert.is_none() && s.tls_key.is_none(),
+                "server.plaintext = true cannot be combined with server.tls_cert or \
+                 server.tls_key; choose one"
+            );
         } else {
             ensure!(
                 s.tls_cert.is_some(),
@@ -391,8 +395,10 @@ impl Config {
         }
         if let Some(addr) = self.metrics.listen {
             ensure!(
-                addr != s.listen,
-                "metrics.listen must differ from server.listen"
+                !same_socket(addr, s.listen),
+                "metrics.listen {addr} and server.listen {} are the same port; metrics need a \
+                 listener of their own",
+                s.listen
             );
         }
         Ok(())
@@ -400,6 +406,16 @@ impl Config {
 
     fn validate_rest(&self) -> Result<()> {
         let m = &self.model;
+        ensure!(
+            !m.path.to_string_lossy().contains("://"),
+            "model.path {:?} is a URL; models are loaded only from local files",
+            m.path
+        );
+        ensure!(
+            m.context_length.is_none_or(|n| (1..=1 << 24).contains(&n)),
+            "model.context_length must be between 1 and {} tokens",
+            1 << 24
+        );
         ensure!(
             m.sha256.len() == 64 && m.sha256.chars().all(|c| c.is_ascii_hexdigit()),
             "model.sha256 must be 64 hex digits (run `bulwark model hash FILE`)"
@@ -498,6 +514,12 @@ impl Config {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         cores.saturating_sub(1).max(1)
     }
+}
+
+/// Whether two listeners would need the same port: same port, and the same address or either
+/// one on every address.
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// An origin is `scheme://host[:port]` exactly as browsers send it: no path, no wildcard.
@@ -669,6 +691,37 @@ name = "smollm2"
             format!("{err:#}").contains("limits.body_read_timeout_secs"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn check_config_refuses_what_serve_could_not_use() {
+        let cases = [
+            (
+                base().replace("path = \"m.gguf\"", "path = \"https://example.com/m.gguf\""),
+                "model.path",
+            ),
+            (
+                base().replace(
+                    "name = \"smollm2\"",
+                    "name = \"smollm2\"\ncontext_length = 0",
+                ),
+                "model.context_length",
+            ),
+            (
+                base()
+                    .replace("0.0.0.0:8443", "127.0.0.1:8443")
+                    .replace("keys_file", "plaintext = true\nkeys_file"),
+                "server.plaintext",
+            ),
+            (
+                format!("{}\n[metrics]\nlisten = \"127.0.0.1:8443\"\n", base()),
+                "metrics.listen",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = parse(&text).unwrap_err();
+            assert!(format!("{err:#}").contains(key), "{key}: {err:#}");
+        }
     }
 
     #[test]

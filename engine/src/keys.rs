@@ -70,8 +70,7 @@ fn validate_name(name: &str) -> Result<()> {
 impl KeyStore {
     pub fn load(path: &Path) -> Result<Self> {
         check_private_mode(path, "keys file")?;
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading keys file {}", path.display()))?;
+        let text = crate::files::read_small(path, "keys file")?;
         Self::parse(&text).with_context(|| format!("keys file {}", path.display()))
     }
 
@@ -155,7 +154,7 @@ pub fn append_new_key(path: &Path, name: &str) -> Result<String> {
     validate_name(name)?;
     if path.exists() {
         check_private_mode(path, "keys file")?;
-        let text = std::fs::read_to_string(path)?;
+        let text = crate::files::read_small(path, "keys file")?;
         if !text.trim().is_empty() {
             let store =
                 KeyStore::parse(&text).with_context(|| format!("keys file {}", path.display()))?;

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod confine;
+pub mod files;
 pub mod firewall_cmd;
 pub mod infer;
 pub mod keys;

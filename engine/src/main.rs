@@ -41,6 +41,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let cfg = Config::load(&config)?;
             init_logging(log_format.unwrap_or(cfg.log.format));
             set_compute_threads(cfg.compute_threads());
+            report_panics_without_backtraces();
             bulwark::serve::run(&config)?;
         }
         Command::CheckConfig {
@@ -157,9 +158,9 @@ fn audit(
         Ok(ExitCode::from(AUDIT_USAGE_OR_UNREACHABLE))
     };
     if let Some(f) = api_key_file {
-        match std::fs::read_to_string(f) {
+        match bulwark::files::read_small(f, "API key file") {
             Ok(s) => opts.api_key = Some(s.lines().next().unwrap_or_default().trim().to_owned()),
-            Err(e) => return usage(anyhow::anyhow!("reading {}: {e}", f.display())),
+            Err(e) => return usage(e),
         }
     }
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -187,6 +188,24 @@ fn set_compute_threads(n: usize) {
     // SAFETY: called from main before any other thread is started, so no thread can be reading
     // the environment concurrently.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+}
+
+/// A panic inside the sandbox must still say what happened: capturing a backtrace
+/// (RUST_BACKTRACE=1) resolves symbols through files and calls the sandbox forbids, and the
+/// process was killed before printing anything. The hook prints the message and location only.
+fn report_panics_without_backtraces() {
+    // SAFETY: called from main before any other thread is started (as above).
+    unsafe {
+        std::env::remove_var("RUST_BACKTRACE");
+        std::env::remove_var("RUST_LIB_BACKTRACE");
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        eprintln!(
+            "panic in thread {}: {info}",
+            thread.name().unwrap_or("unnamed")
+        );
+    }));
 }
 
 fn check_files_of(cfg: &Config) -> Result<()> {

@@ -20,8 +20,8 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("reading certificates from {}", path.display()))?
+    let text = crate::files::read_small(path, "certificate file")?;
+    let certs = CertificateDer::pem_slice_iter(text.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parsing certificates in {}", path.display()))?;
     anyhow::ensure!(!certs.is_empty(), "{} holds no certificate", path.display());
@@ -31,7 +31,8 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
     // A private key that others can read is refused, not merely warned about.
     check_private_mode(path, "TLS private key")?;
-    PrivateKeyDer::from_pem_file(path)
+    let text = crate::files::read_small(path, "private key")?;
+    PrivateKeyDer::from_pem_slice(text.as_bytes())
         .with_context(|| format!("reading the private key in {}", path.display()))
 }
 

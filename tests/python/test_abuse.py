@@ -26,8 +26,10 @@ def tls(srv, alpn=("h2",)):
     return s
 
 
-def h2_client(s, window=65535):
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+def h2_client(s, window=65535, validate=True):
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, header_encoding="utf-8", validate_outbound_headers=validate,
+        normalize_outbound_headers=validate))
     conn.initiate_connection()
     conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
     s.sendall(conn.data_to_send())
@@ -201,3 +203,80 @@ def test_large_prompts_do_not_stall_other_connections(make_server):
     assert all(code == 400 and err == "prompt_too_long" for code, err, _ in results.values()), results
     assert results["huge"][2] < 1.0, results
     assert worst < 0.5, f"a concurrent request took {worst:.2f} s"
+
+
+def h2_request(srv, headers, body=b"", validate=True):
+    """One HTTP/2 request; (status, response headers, response body bytes)."""
+    s = tls(srv)
+    conn = h2_client(s, validate=validate)
+    conn.send_headers(1, headers, end_stream=not body)
+    if body:
+        conn.send_data(1, body, end_stream=True)
+    s.sendall(conn.data_to_send())
+    status, rheaders, data = None, {}, b""
+    s.settimeout(10)
+    done = False
+    while not done:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        for ev in conn.receive_data(chunk):
+            if isinstance(ev, h2.events.ResponseReceived):
+                rheaders = dict(ev.headers)
+                status = int(rheaders[":status"])
+            elif isinstance(ev, h2.events.DataReceived):
+                data += ev.data
+                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
+                done = True
+        s.sendall(conn.data_to_send())
+    s.close()
+    return status, rheaders, data
+
+
+def test_head_over_http2_has_no_body(server):
+    """Regression: HEAD over HTTP/2 sent a body (curl: protocol error)."""
+    base = [(":method", "HEAD"), (":scheme", "https"), (":authority", "127.0.0.1")]
+    status, _, data = h2_request(server, base + [(":path", "/v1/models")])
+    assert status == 401 and data == b"", (status, data)
+    status, _, data = h2_request(server, base + [(":path", "/v1/models"),
+                                                 ("authorization", f"Bearer {server.key}")])
+    assert status == 405 and data == b"", (status, data)
+
+
+def test_authority_and_host_must_agree_over_http2(server):
+    """Regression: a request naming two hosts (:authority and Host) was accepted."""
+    base = [(":method", "GET"), (":scheme", "https"), (":path", "/v1/models"),
+            (":authority", "127.0.0.1"), ("authorization", f"Bearer {server.key}")]
+    status, _, _ = h2_request(server, base)
+    assert status == 200
+    status, _, data = h2_request(server, base + [("host", "evil.example")], validate=False)
+    assert status == 400, (status, data)
+
+
+def test_active_sequences_gauge_returns_to_zero_when_idle(server):
+    """Regression: bulwark_active_sequences kept the last step's value while idle."""
+    httpx.post(server.url + "/v1/chat/completions", verify=server.ssl_context(), timeout=60,
+               headers={"authorization": f"Bearer {server.key}"},
+               json={"model": MODEL_NAME, "max_tokens": 3, "messages": [{"role": "user", "content": "Hi"}]})
+    time.sleep(0.3)
+    metrics = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics").text
+    assert "bulwark_active_sequences 0" in metrics, [l for l in metrics.splitlines() if "active" in l]
+
+
+def test_keys_file_that_is_a_fifo_is_refused_at_once(make_server, tmp_path):
+    """Regression: a keys file that is a FIFO hung check-config --check-files."""
+    import os
+    import subprocess
+    from conftest import BIN
+    srv = make_server()
+    fifo = tmp_path / "fifo-keys"
+    os.mkfifo(fifo, 0o600)
+    cfg = srv.config.read_text().replace('keys_file = "keys"', f'keys_file = "{fifo}"')
+    bad = tmp_path / "bad.toml"
+    bad.write_text(cfg)
+    for p in ["cert.pem", "key.pem"]:
+        os.symlink(srv.dir / p, tmp_path / p) if not (tmp_path / p).exists() else None
+    r = subprocess.run([BIN, "check-config", "--config", bad, "--check-files"], capture_output=True, text=True,
+                       timeout=20)
+    assert r.returncode != 0 and "not a regular file" in r.stderr, r.stderr

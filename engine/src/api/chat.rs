@@ -51,6 +51,35 @@ pub struct Message {
     pub role: String,
     pub content: Option<Value>,
     pub name: Option<String>,
+    /// Fields of an assistant message as OpenAI returns it: the official clients replay them
+    /// (`model_dump()`) in the next turn. Accepted only in their empty forms (null, `[]`);
+    /// anything else is a feature this server does not have, refused by name.
+    pub refusal: Option<Value>,
+    pub annotations: Option<Value>,
+    pub audio: Option<Value>,
+    pub function_call: Option<Value>,
+    pub tool_calls: Option<Value>,
+}
+
+impl Message {
+    /// The first replayed field that is not empty, by name.
+    fn unsupported_field(&self) -> Option<&'static str> {
+        let empty = |v: &Option<Value>| match v {
+            None | Some(Value::Null) => true,
+            Some(Value::Array(a)) => a.is_empty(),
+            _ => false,
+        };
+        [
+            ("refusal", &self.refusal),
+            ("annotations", &self.annotations),
+            ("audio", &self.audio),
+            ("function_call", &self.function_call),
+            ("tool_calls", &self.tool_calls),
+        ]
+        .into_iter()
+        .find(|(_, v)| !empty(v))
+        .map(|(name, _)| name)
+    }
 }
 
 /// Text of one message: a string, or an array of `{"type": "text", "text": ...}` parts.
@@ -163,6 +192,12 @@ pub fn prepare(state: &AppState, r: ChatRequest) -> Result<(Prepared, bool, bool
     }
     let mut messages = Vec::with_capacity(r.messages.len());
     for (i, m) in r.messages.into_iter().enumerate() {
+        if let Some(field) = m.unsupported_field() {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].{field} is not supported (only its null or empty form)."),
+                "messages",
+            ));
+        }
         let role = match m.role.as_str() {
             "system" | "developer" => "system",
             "user" => "user",

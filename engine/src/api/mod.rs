@@ -186,6 +186,9 @@ where
 {
     let mut ctx = RequestCtx::new();
     let origin = allowed_origin(&state.cors_origins, req.headers());
+    // A HEAD answer carries the headers of the GET answer and never a body (HTTP/1.1 strips
+    // it in hyper; HTTP/2 does not, and curl calls a body there a protocol error).
+    let head = req.method() == Method::HEAD;
     let result = dispatch(&state, req, &mut ctx).await;
     let (mut response, logged, tokens) = match result {
         Ok(h) => (h.response, h.logged, h.tokens),
@@ -229,6 +232,9 @@ where
     if !state.cors_origins.is_empty() {
         h.insert(header::VARY, HeaderValue::from_static("Origin"));
     }
+    if head {
+        *response.body_mut() = ApiBody::full(Bytes::new());
+    }
     response
 }
 
@@ -258,6 +264,17 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     limits::check_headers(req.headers(), &state.limits)?;
+    // HTTP/2's :authority and a Host header must agree (RFC 9113 §8.3.1): a request that
+    // names two hosts is refused, whatever its path, before anything else.
+    if let (Some(a), Some(h)) = (req.uri().authority(), req.headers().get(header::HOST))
+        && h.as_bytes() != a.as_str().as_bytes()
+    {
+        return Err(ApiError::InvalidRequest {
+            message: "The Host header and the request's authority differ.".into(),
+            param: None,
+            code: "invalid_request",
+        });
+    }
     let path = req.uri().path();
 
     // INVARIANT: the only anonymous route, when enabled; byte-exact match, GET only.

@@ -354,6 +354,11 @@ impl Scheduler {
                 .store(self.active.len() as u64, Ordering::Relaxed);
             if !self.active.is_empty() {
                 self.step();
+                // Also after the step: the loop may now sleep on an empty queue, and the gauge
+                // must not keep the last step's value while idle.
+                self.metrics
+                    .active
+                    .store(self.active.len() as u64, Ordering::Relaxed);
             }
         }
     }

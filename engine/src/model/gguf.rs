@@ -28,16 +28,7 @@ pub struct ModelFile {
 
 impl ModelFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let meta = file
-            .metadata()
-            .with_context(|| format!("reading the metadata of {}", path.display()))?;
-        if !meta.is_file() {
-            bail!(
-                "{} is not a regular file; a model must be a local file",
-                path.display()
-            );
-        }
+        let file = crate::files::open_regular(path, "model file")?;
         Ok(Self {
             path: path.to_owned(),
             file,

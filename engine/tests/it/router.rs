@@ -549,6 +549,34 @@ async fn in_flight_limit_answers_503_with_retry_after() {
     );
 }
 
+/// Regression: the official client's `model_dump()` of an assistant message carries
+/// `refusal`, `annotations`, `audio`, `function_call` and `tool_calls` as null or empty, and
+/// replaying it in the next turn got 400 `unknown field`.
+#[tokio::test]
+async fn replayed_assistant_messages_are_accepted_in_their_empty_forms() {
+    let t = util::state("");
+    let assistant = serde_json::json!({
+        "role": "assistant", "content": "Paris.", "refusal": null, "annotations": [],
+        "audio": null, "function_call": null, "tool_calls": null
+    });
+    let body = |a: serde_json::Value| {
+        serde_json::json!({
+            "model": util::MODEL_NAME, "max_tokens": 2,
+            "messages": [{"role": "user", "content": "Capital of France?"}, a,
+                         {"role": "user", "content": "And of Italy?"}]
+        })
+    };
+    let r = t
+        .post("/v1/chat/completions", body(assistant.clone()))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let mut with_calls = assistant;
+    with_calls["tool_calls"] = serde_json::json!([{"id": "x", "type": "function"}]);
+    let r = t.post("/v1/chat/completions", body(with_calls)).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.text().contains("tool_calls"), "{}", r.text());
+}
+
 #[tokio::test]
 async fn unsupported_inputs_are_refused_by_name() {
     let t = util::state("");
