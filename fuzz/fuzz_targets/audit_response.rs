@@ -1,0 +1,108 @@
+//! What `bulwark audit` reads from the server it probes: arbitrary bytes as the whole answer
+//! of a hostile server (status line, headers, body, chunked or not, cut anywhere) to the same
+//! client the audit uses (hyper's HTTP/1 client connection, no redirects followed), turned into
+//! an `audit::Answer` the way `Target::send_inner` does (header values decoded lossily, at most
+//! 64 KiB of body read), then into a probe and its JSON report form.
+//!
+//! The audit's reading code is private to `audit::Target` and needs a socket; this target
+//! drives the same client over an in-memory pipe instead (docs/fuzzing.md says so).
+#![no_main]
+
+use std::sync::OnceLock;
+
+use bulwark::audit::routes::Category;
+use bulwark::audit::{Answer, Probe};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use libfuzzer_sys::fuzz_target;
+use tokio::io::AsyncWriteExt;
+
+/// The audit's own bound on body bytes read per answer (audit/mod.rs `MAX_BODY_READ`).
+const MAX_BODY_READ: usize = 64 << 10;
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    })
+}
+
+async fn ask(io: tokio::io::DuplexStream) -> anyhow::Result<Answer> {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    let request = async move {
+        let req = Request::builder()
+            .method("GET")
+            .uri("/v1/models")
+            .header("host", "target.invalid:8443")
+            .header("accept", "application/json, text/plain, */*")
+            .header("user-agent", "bulwark-audit")
+            .body(Full::new(Bytes::new()))?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let mut body = resp.into_body();
+        let mut read = 0;
+        while read < MAX_BODY_READ {
+            match body.frame().await {
+                Some(Ok(f)) => read += f.data_ref().map_or(0, |d| d.len()),
+                _ => break,
+            }
+        }
+        anyhow::Ok(Answer {
+            status: Some(status),
+            headers,
+            error: None,
+        })
+    };
+    // The connection task ends when the server's bytes do; the request decides the answer.
+    let conn = async move {
+        let _ = conn.await;
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        a = request => a,
+        () = conn => unreachable!(),
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let answer = runtime().block_on(async {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let (_server_read, mut server_write) = tokio::io::split(server);
+        let serve = async move {
+            let _ = server_write.write_all(data).await;
+            let _ = server_write.shutdown().await;
+        };
+        let ((), a) = tokio::join!(serve, ask(client));
+        a.unwrap_or_else(|e| Answer {
+            status: None,
+            headers: Vec::new(),
+            error: Some(format!("{e:#}")),
+        })
+    });
+    if let Some(s) = answer.status {
+        assert!((100..=999).contains(&s), "status {s}");
+    }
+    let probe = Probe {
+        method: "GET",
+        path: "/v1/models",
+        category: Category::Openai,
+        anonymous: answer.clone(),
+        authenticated: Some(answer),
+    };
+    serde_json::to_string(&probe).expect("a probe serialises");
+});

@@ -1,0 +1,169 @@
+//! Shared fixtures for the fuzz targets: the tiny GGUF built from the demo model's metadata
+//! (`seeds/make_tiny_gguf.py`), a per-process scratch file for parsers that only read paths,
+//! the tokenizer and template built from it, and a router state with no model behind it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+
+use bulwark::api::AppState;
+use bulwark::api::limits::RateLimiter;
+use bulwark::config::Limits;
+use bulwark::infer::models::llama::LlamaModel;
+use bulwark::infer::scheduler::{self, SchedulerConfig, StepItem, StepRunner};
+use bulwark::keys::KeyStore;
+use bulwark::metrics::Metrics;
+use bulwark::model::ModelInfo;
+use bulwark::model::gguf::GgufFile;
+use bulwark::model::template::ChatTemplate;
+use bulwark::model::tokenizer::ModelTokenizer;
+
+/// The demo model's metadata (every key, its chat template included) with a 673-token
+/// vocabulary and no tensors: 17 KB instead of 98 MB.
+pub const TINY_GGUF: &[u8] = include_bytes!("../seeds/tiny.gguf");
+
+/// The model name the router state answers to.
+pub const MODEL_NAME: &str = "smollm2-135m-instruct";
+
+/// A file this process owns, rewritten for every input (the GGUF parsers read from a path).
+/// Under /dev/shm when it exists, so that a campaign does not wear a disk.
+pub struct ScratchFile {
+    path: PathBuf,
+}
+
+impl ScratchFile {
+    pub fn new(name: &str) -> Self {
+        let dir = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        Self {
+            path: dir.join(format!("bulwark-fuzz-{name}-{}", std::process::id())),
+        }
+    }
+
+    pub fn write(&self, data: &[u8]) -> &Path {
+        std::fs::write(&self.path, data).expect("writing the scratch file");
+        &self.path
+    }
+}
+
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Parse GGUF bytes through the engine's own path-based entry point.
+pub fn open_gguf(scratch: &ScratchFile, bytes: &[u8]) -> anyhow::Result<GgufFile> {
+    GgufFile::open_unverified(scratch.write(bytes))
+}
+
+/// The tiny model's tokenizer and chat template, built once per process.
+pub struct TinyModel {
+    pub tokenizer: ModelTokenizer,
+    pub template_source: String,
+    pub bos: String,
+    pub eos: String,
+}
+
+impl TinyModel {
+    pub fn template(&self) -> ChatTemplate {
+        ChatTemplate::new(&self.template_source, self.bos.clone(), self.eos.clone())
+            .expect("the demo model's template parses")
+    }
+}
+
+fn build_tiny() -> TinyModel {
+    let scratch = ScratchFile::new("tiny-model");
+    let gguf = open_gguf(&scratch, TINY_GGUF).expect("the tiny GGUF parses");
+    let tokenizer = ModelTokenizer::from_gguf(&gguf).expect("the tiny tokenizer builds");
+    let template_source = gguf
+        .opt_str("tokenizer.chat_template")
+        .expect("the tiny GGUF has the demo template")
+        .to_owned();
+    // As infer/load.rs does: the template's bos_token and eos_token are the tokens' text.
+    let bos = tokenizer
+        .bos_id
+        .map(|id| tokenizer.token_text(id))
+        .unwrap_or_default();
+    let eos = tokenizer.token_text(tokenizer.eos_id);
+    TinyModel {
+        tokenizer,
+        template_source,
+        bos,
+        eos,
+    }
+}
+
+pub fn tiny() -> &'static TinyModel {
+    static TINY: OnceLock<TinyModel> = OnceLock::new();
+    TINY.get_or_init(build_tiny)
+}
+
+/// A runner for a pipeline whose stages are all down: every submission is answered 503 by
+/// `SchedulerHandle::submit` before the inference thread sees it, so the router runs every
+/// parse, validation, template and tokenizer step for real with no model loaded.
+struct NoModel;
+
+impl StepRunner for NoModel {
+    fn local(&self) -> &LlamaModel {
+        unreachable!("no request reaches the inference thread: the runner is unavailable")
+    }
+    fn run(&mut self, _items: &mut [StepItem<'_>]) -> anyhow::Result<Vec<Vec<f32>>> {
+        anyhow::bail!("no model")
+    }
+    fn free(&mut self, _seq: u64) {}
+    fn available(&self) -> Arc<AtomicBool> {
+        Arc::new(AtomicBool::new(false))
+    }
+}
+
+/// The router's state for the tiny model; its one key is returned beside it.
+pub fn app_state() -> (Arc<AppState>, String) {
+    let key = bulwark::keys::generate_key().expect("a key");
+    let keys = KeyStore::parse(&format!("{}\n", bulwark::keys::entry_line("fuzz", &key)))
+        .expect("the keys file parses");
+    let limits = Limits {
+        // Every input must reach the parsers, not the per-key rate limit.
+        rate_limit_per_minute: 0,
+        ..Limits::default()
+    };
+    let metrics = Arc::new(Metrics::default());
+    let pending = scheduler::spawn(
+        SchedulerConfig {
+            max_batch: 1,
+            max_batch_tokens: 16,
+            queue_depth: limits.queue_depth,
+        },
+        1,
+        metrics.clone(),
+        None,
+    )
+    .expect("the inference thread starts");
+    let t = build_tiny();
+    let template = Some(t.template());
+    let info = Arc::new(ModelInfo {
+        name: MODEL_NAME.into(),
+        tokenizer: t.tokenizer,
+        template,
+        context_length: 8192,
+        created: 0,
+    });
+    let (handle, _thread) = pending
+        .start(Box::new(NoModel), info.clone())
+        .expect("the inference thread takes the runner");
+    let state = Arc::new(AppState {
+        keys,
+        limits: limits.clone(),
+        cors_origins: Vec::new(),
+        anonymous_health: false,
+        model: info,
+        scheduler: handle,
+        metrics,
+        rate: RateLimiter::new(limits.rate_limit_per_minute),
+        in_flight: Arc::new(tokio::sync::Semaphore::new(limits.max_in_flight)),
+    });
+    (state, key)
+}
