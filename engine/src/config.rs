@@ -320,7 +320,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self> {
         let text = crate::files::read_small(path, "configuration")?;
         let mut cfg: Config = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{e}"))
+            .map_err(|e| anyhow::anyhow!("{}", explain_toml_error(&text, &e)))
             .with_context(|| format!("configuration {} is invalid", path.display()))?;
         cfg.base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
         cfg.validate()
@@ -513,6 +513,46 @@ impl Config {
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         cores.saturating_sub(1).max(1)
+    }
+}
+
+/// A TOML error as a user can act on it: the dotted key it is about (from the table header
+/// above the offending line), and Rust type names replaced by what they mean.
+fn explain_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let plain = e
+        .message()
+        .replace("expected usize", "expected a non-negative integer")
+        .replace("expected u64", "expected a non-negative integer")
+        .replace("expected u32", "expected a non-negative integer")
+        .replace("expected u16", "expected a port number")
+        .replace("expected i64", "expected an integer")
+        .replace("expected f32", "expected a number")
+        .replace("expected f64", "expected a number");
+    let Some(span) = e.span() else {
+        return format!("{e}");
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.rsplit('\n').next().unwrap_or("");
+    let key = line
+        .split('=')
+        .next()
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && line.contains('='));
+    let table = before
+        .lines()
+        .rev()
+        .find_map(|l| {
+            let l = l.trim();
+            l.strip_prefix("[[")
+                .and_then(|r| r.strip_suffix("]]"))
+                .or_else(|| l.strip_prefix('[').and_then(|r| r.strip_suffix(']')))
+        })
+        .map(str::trim);
+    let line_no = before.matches('\n').count() + 1;
+    match (table, key) {
+        (Some(t), Some(k)) => format!("{t}.{k} (line {line_no}): {plain}"),
+        (None, Some(k)) => format!("{k} (line {line_no}): {plain}"),
+        _ => format!("line {line_no}: {plain}"),
     }
 }
 
@@ -722,6 +762,18 @@ name = "smollm2"
             let err = parse(&text).unwrap_err();
             assert!(format!("{err:#}").contains(key), "{key}: {err:#}");
         }
+    }
+
+    #[test]
+    fn type_errors_name_the_key_in_words() {
+        let text = format!("{}\n[limits]\nmax_tokens = \"lots\"\n", base());
+        let e = toml::from_str::<Config>(&text).unwrap_err();
+        let msg = explain_toml_error(&text, &e);
+        assert!(msg.starts_with("limits.max_tokens"), "{msg}");
+        assert!(
+            msg.contains("non-negative integer") && !msg.contains("usize"),
+            "{msg}"
+        );
     }
 
     #[test]

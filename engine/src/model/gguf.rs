@@ -70,6 +70,119 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     ModelFile::open(path)?.sha256()
 }
 
+/// Nesting of arrays in GGUF metadata followed by [`check_alignment`] (candle allows 64).
+const MAX_METADATA_DEPTH: usize = 64;
+
+/// Refuse a `general.alignment` of 0 or one that is not a power of two before candle's reader
+/// sees it: candle divides by it (a panic, not an error). A walk over the header and metadata
+/// that reads only lengths and that one value, leaving the reader where it found it; anything
+/// else malformed is left to candle, which reports it.
+fn check_alignment<R: Read + Seek>(r: &mut R) -> Result<()> {
+    let start = r.stream_position()?;
+    let found = find_alignment(r);
+    r.seek(SeekFrom::Start(start))?;
+    match found {
+        Ok(Some(a)) if a == 0 || !a.is_power_of_two() => {
+            bail!("general.alignment is {a}; it must be a power of two")
+        }
+        _ => Ok(()),
+    }
+}
+
+fn find_alignment<R: Read + Seek>(r: &mut R) -> std::io::Result<Option<u64>> {
+    let magic = read_n::<4>(r)?;
+    let long = match u32::from_le_bytes(read_n::<4>(r)?) {
+        1 => false,
+        2 | 3 => true,
+        _ => return Ok(None),
+    };
+    if &magic != b"GGUF" {
+        return Ok(None);
+    }
+    let _tensors = read_len(r, long)?;
+    let kvs = read_len(r, long)?;
+    for _ in 0..kvs {
+        let key_len = read_len(r, long)?;
+        let is_alignment = if key_len == "general.alignment".len() as u64 {
+            &read_n::<17>(r)? == b"general.alignment"
+        } else {
+            r.seek_relative(i64::try_from(key_len).map_err(std::io::Error::other)?)?;
+            false
+        };
+        let ty = u32::from_le_bytes(read_n::<4>(r)?);
+        if is_alignment {
+            // The integer types candle takes the alignment from (negative ones it ignores).
+            return Ok(match ty {
+                0 => Some(u64::from(read_n::<1>(r)?[0])),
+                1 => Some(read_n::<1>(r)?[0] as i8)
+                    .filter(|v| *v >= 0)
+                    .map(|v| v as u64),
+                2 => Some(u64::from(u16::from_le_bytes(read_n::<2>(r)?))),
+                3 => Some(i16::from_le_bytes(read_n::<2>(r)?))
+                    .filter(|v| *v >= 0)
+                    .map(|v| v as u64),
+                4 => Some(u64::from(u32::from_le_bytes(read_n::<4>(r)?))),
+                5 => Some(i32::from_le_bytes(read_n::<4>(r)?))
+                    .filter(|v| *v >= 0)
+                    .map(|v| v as u64),
+                _ => None,
+            });
+        }
+        skip_value(r, ty, long, 0)?;
+    }
+    Ok(None)
+}
+
+fn skip_value<R: Read + Seek>(r: &mut R, ty: u32, long: bool, depth: usize) -> std::io::Result<()> {
+    let fixed =
+        |n: u64| -> std::io::Result<i64> { i64::try_from(n).map_err(std::io::Error::other) };
+    match ty {
+        0 | 1 | 7 => r.seek_relative(1),
+        2 | 3 => r.seek_relative(2),
+        4 | 5 | 6 => r.seek_relative(4),
+        10..=12 => r.seek_relative(8),
+        8 => {
+            let n = read_len(r, long)?;
+            r.seek_relative(fixed(n)?)
+        }
+        9 if depth < MAX_METADATA_DEPTH => {
+            let elem = u32::from_le_bytes(read_n::<4>(r)?);
+            let n = read_len(r, long)?;
+            let size = match elem {
+                0 | 1 | 7 => Some(1u64),
+                2 | 3 => Some(2),
+                4..=6 => Some(4),
+                10..=12 => Some(8),
+                _ => None,
+            };
+            match size {
+                Some(size) => r.seek_relative(fixed(n.checked_mul(size).unwrap_or(u64::MAX))?),
+                None => {
+                    for _ in 0..n {
+                        skip_value(r, elem, long, depth + 1)?;
+                    }
+                    Ok(())
+                }
+            }
+        }
+        _ => Err(std::io::Error::other("not a GGUF value type")),
+    }
+}
+
+fn read_n<const N: usize>(r: &mut impl Read) -> std::io::Result<[u8; N]> {
+    let mut b = [0u8; N];
+    r.read_exact(&mut b)?;
+    Ok(b)
+}
+
+fn read_len(r: &mut impl Read, long: bool) -> std::io::Result<u64> {
+    Ok(if long {
+        u64::from_le_bytes(read_n::<8>(r)?)
+    } else {
+        u64::from(u32::from_le_bytes(read_n::<4>(r)?))
+    })
+}
+
 /// A GGUF file whose hash matched its pin and whose header parsed.
 pub struct GgufFile {
     pub path: PathBuf,
@@ -99,6 +212,9 @@ impl GgufFile {
     fn parse(file: ModelFile) -> Result<Self> {
         let ModelFile { path, file } = file;
         let mut reader = BufReader::new(file);
+        // INVARIANT: candle's reader divides by `general.alignment`; it is checked first.
+        check_alignment(&mut reader)
+            .with_context(|| format!("{} is not a readable GGUF file", path.display()))?;
         let content = Content::read(&mut reader)
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("{} is not a readable GGUF file", path.display()))?;
@@ -175,5 +291,61 @@ impl GgufFile {
         self.get(key)?
             .to_vec()
             .map_err(|e| anyhow::anyhow!("GGUF metadata key {key}: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the gguf fuzz target: `general.alignment = 0` (a u8 here) made candle's reader
+    /// divide by zero, a panic in `model inspect` and `init` instead of an error.
+    const ALIGNMENT_ZERO: [u8; 125] = [
+        0x47, 0x47, 0x55, 0x46, 0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x11, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x67, 0x65, 0x6e, 0x65, 0x72, 0x61, 0x6c, 0x2e, 0x61, 0x6c, 0x69, 0x67, 0x6e,
+        0x6d, 0x65, 0x6e, 0x74, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+        0x00, 0x40, 0x0c, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x67, 0x65, 0x6e, 0x65, 0x72,
+        0x61, 0x6c, 0x2e, 0x6e, 0x61, 0x6d, 0x65, 0x08, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x78,
+    ];
+
+    fn open(bytes: &[u8]) -> Result<GgufFile> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        std::fs::write(&path, bytes).unwrap();
+        GgufFile::open_unverified(&path)
+    }
+
+    /// A GGUF v3 file with no tensors and one metadata entry, `general.alignment`, as a u32.
+    fn with_alignment(a: u32) -> Vec<u8> {
+        let mut f = b"GGUF".to_vec();
+        f.extend_from_slice(&3u32.to_le_bytes());
+        f.extend_from_slice(&0u64.to_le_bytes());
+        f.extend_from_slice(&1u64.to_le_bytes());
+        f.extend_from_slice(&17u64.to_le_bytes());
+        f.extend_from_slice(b"general.alignment");
+        f.extend_from_slice(&4u32.to_le_bytes());
+        f.extend_from_slice(&a.to_le_bytes());
+        f
+    }
+
+    #[test]
+    fn gguf_alignment_zero_is_an_error_naming_the_key() {
+        let err = open(&ALIGNMENT_ZERO).err().expect("alignment 0 refused");
+        assert!(
+            format!("{err:#}").contains("general.alignment is 0"),
+            "{err:#}"
+        );
+        for bad in [0, 3, 48, u32::MAX] {
+            let err = open(&with_alignment(bad)).err().expect("refused");
+            assert!(format!("{err:#}").contains("general.alignment"), "{err:#}");
+        }
+        for good in [1, 32, 1 << 31] {
+            let g = open(&with_alignment(good)).unwrap();
+            assert_eq!(g.content.tensor_data_offset % u64::from(good), 0);
+        }
     }
 }
