@@ -573,6 +573,12 @@ impl Scheduler {
 
     fn finish(&mut self, mut a: Active, finish: FinishReason) {
         self.runner.free(a.seq);
+        // A generation cut inside a character (max_tokens) keeps the bytes it counted. After
+        // a stop sequence, the text was already cut where the sequence starts.
+        if finish == FinishReason::Length {
+            let rest = a.detok.flush(&self.info.tokenizer);
+            a.pending_text.push_str(&rest);
+        }
         let text = std::mem::take(&mut a.pending_text);
         let logprobs = std::mem::take(&mut a.pending_logprobs);
         let tokens = std::mem::take(&mut a.unreported);

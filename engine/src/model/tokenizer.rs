@@ -383,6 +383,26 @@ impl Detokenizer {
             String::new()
         }
     }
+
+    /// At the end of a generation: whatever is still held back (a character cut by the last
+    /// token), with the incomplete bytes shown as U+FFFD, as a client decoding the bytes would.
+    pub fn flush(&mut self, tok: &ModelTokenizer) -> String {
+        if self.read_offset == self.ids.len() {
+            return String::new();
+        }
+        let prefix = tok
+            .decode(&self.ids[self.prefix_offset..self.read_offset])
+            .unwrap_or_default();
+        let full = tok
+            .decode(&self.ids[self.prefix_offset..])
+            .unwrap_or_default();
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
+        match full.strip_prefix(prefix.as_str()) {
+            Some(rest) => rest.to_owned(),
+            None => full,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -184,11 +184,8 @@ async fn logprob_bytes_rebuild_the_text_even_inside_a_character() {
         .as_array()
         .unwrap()
         .clone();
-    let stop = j["choices"][0]["finish_reason"] == "stop";
-    for (i, e) in entries.iter().enumerate() {
-        if stop && i == entries.len() - 1 {
-            break; // the end-of-turn token is not part of the text
-        }
+    // The end-of-turn token is neither in the text nor in the logprobs.
+    for e in &entries {
         bytes.extend(
             e["bytes"]
                 .as_array()
@@ -201,5 +198,43 @@ async fn logprob_bytes_rebuild_the_text_even_inside_a_character() {
     assert!(
         !text.is_ascii(),
         "the test needs a multi-byte answer: {text}"
+    );
+}
+
+/// Regression: a generation cut by max_tokens inside a character dropped the bytes of its last
+/// token from the text while counting the token. Every length that cuts the answer must give
+/// the lossy decoding of all its tokens' bytes.
+#[tokio::test]
+async fn a_generation_cut_inside_a_character_keeps_its_bytes() {
+    let t = util::state("");
+    let mut cut_inside = 0;
+    for max_tokens in 1..=12 {
+        let r = t
+            .chat(
+                "Write the Japanese word for thank you, in Japanese script.",
+                json!({"temperature": 0, "max_tokens": max_tokens, "logprobs": true}),
+            )
+            .await;
+        let j = r.json();
+        let text = j["choices"][0]["message"]["content"].as_str().unwrap();
+        let bytes: Vec<u8> = j["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|e| e["bytes"].as_array().unwrap().clone())
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        if std::str::from_utf8(&bytes).is_err() {
+            cut_inside += 1;
+        }
+        assert_eq!(
+            text,
+            String::from_utf8_lossy(&bytes),
+            "max_tokens {max_tokens}"
+        );
+    }
+    assert!(
+        cut_inside > 0,
+        "no length cut the answer inside a character"
     );
 }
