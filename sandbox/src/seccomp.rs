@@ -410,14 +410,58 @@ pub fn compile(category: Category, gpu: bool, log_only: bool) -> Result<BpfProgr
         source,
     };
     let rules = rules_for(&allowlist(category, gpu)).map_err(wrap)?;
+    // Trap, not kill: the SIGSYS handler (`sys::install_sigsys_reporter`) names the call in
+    // the log, then the process dies of SIGSYS as it would have. A new toolchain that makes a
+    // new system call is then diagnosable from the log alone.
     let mismatch = if log_only {
         SeccompAction::Log
     } else {
-        SeccompAction::KillProcess
+        SeccompAction::Trap
     };
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(wrap)?;
     filter.try_into().map_err(wrap)
+}
+
+/// The name of a system call, for the SIGSYS report: the calls of every allowlist and those a
+/// toolchain or library bump most plausibly adds. Anything else is reported by number.
+pub fn syscall_name(nr: i64) -> &'static str {
+    macro_rules! names {
+        ($($n:ident),* $(,)?) => {
+            $(if nr == libc::$n { return &stringify!($n)[4..]; })*
+        };
+    }
+    names!(
+        SYS_read, SYS_write, SYS_open, SYS_close, SYS_stat, SYS_fstat, SYS_lstat, SYS_poll,
+        SYS_lseek, SYS_mmap, SYS_mprotect, SYS_munmap, SYS_brk, SYS_rt_sigaction,
+        SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_ioctl, SYS_pread64, SYS_pwrite64, SYS_readv,
+        SYS_writev, SYS_access, SYS_pipe, SYS_select, SYS_sched_yield, SYS_mremap, SYS_madvise,
+        SYS_dup, SYS_dup2, SYS_nanosleep, SYS_getpid, SYS_socket, SYS_connect, SYS_accept,
+        SYS_sendto, SYS_recvfrom, SYS_sendmsg, SYS_recvmsg, SYS_shutdown, SYS_bind, SYS_listen,
+        SYS_getsockname, SYS_getpeername, SYS_socketpair, SYS_setsockopt, SYS_getsockopt,
+        SYS_clone, SYS_fork, SYS_vfork, SYS_execve, SYS_exit, SYS_wait4, SYS_kill, SYS_uname,
+        SYS_fcntl, SYS_flock, SYS_fsync, SYS_getcwd, SYS_chdir, SYS_rename, SYS_mkdir,
+        SYS_rmdir, SYS_unlink, SYS_readlink, SYS_chmod, SYS_chown, SYS_umask, SYS_getrlimit,
+        SYS_getrusage, SYS_sysinfo, SYS_ptrace, SYS_getuid, SYS_getgid, SYS_setuid, SYS_setgid,
+        SYS_geteuid, SYS_getegid, SYS_getppid, SYS_setsid, SYS_capget, SYS_capset,
+        SYS_sigaltstack, SYS_prctl, SYS_arch_prctl, SYS_setrlimit, SYS_mount, SYS_umount2,
+        SYS_gettid, SYS_futex, SYS_sched_getaffinity, SYS_sched_setaffinity, SYS_epoll_create,
+        SYS_getdents64, SYS_set_tid_address, SYS_clock_gettime, SYS_clock_nanosleep,
+        SYS_exit_group, SYS_epoll_wait, SYS_epoll_ctl, SYS_tgkill, SYS_openat, SYS_mkdirat,
+        SYS_newfstatat, SYS_unlinkat, SYS_readlinkat, SYS_faccessat, SYS_pselect6, SYS_ppoll,
+        SYS_set_robust_list, SYS_get_robust_list, SYS_epoll_pwait, SYS_eventfd2,
+        SYS_epoll_create1, SYS_pipe2, SYS_prlimit64, SYS_getrandom, SYS_memfd_create, SYS_bpf,
+        SYS_execveat, SYS_statx, SYS_rseq, SYS_clone3, SYS_faccessat2, SYS_accept4,
+        SYS_seccomp, SYS_landlock_create_ruleset, SYS_landlock_add_rule,
+        SYS_landlock_restrict_self, SYS_io_uring_setup, SYS_io_uring_enter, SYS_unshare,
+        SYS_setns, SYS_pidfd_open, SYS_process_vm_readv, SYS_process_vm_writev, SYS_keyctl,
+        SYS_add_key, SYS_request_key, SYS_init_module, SYS_finit_module, SYS_perf_event_open,
+        SYS_sched_getparam, SYS_sched_setscheduler, SYS_sched_getscheduler, SYS_membarrier,
+        SYS_mlock, SYS_munlock, SYS_getpriority, SYS_setpriority, SYS_timerfd_create,
+        SYS_signalfd4, SYS_inotify_init1, SYS_fadvise64, SYS_copy_file_range, SYS_sendfile,
+        SYS_splice, SYS_userfaultfd,
+    );
+    "unknown"
 }
 
 /// The second filter: `clone3` answers ENOSYS (see the module docs).
@@ -502,6 +546,17 @@ mod tests {
         ] {
             assert!(!all.contains(&forbidden), "{forbidden} must not be allowed");
         }
+    }
+
+    #[test]
+    fn every_allowed_call_has_a_name_for_the_report() {
+        for c in [Category::Process, Category::Compute] {
+            for a in allowlist(c, true) {
+                assert_ne!(syscall_name(a.nr), "unknown", "{}", a.name);
+            }
+        }
+        assert_eq!(syscall_name(libc::SYS_lseek), "lseek");
+        assert_eq!(syscall_name(libc::SYS_execve), "execve");
     }
 
     #[test]
