@@ -32,7 +32,7 @@ fuzz_target_args() {
     dicts=$(cd "$dicts" && pwd)
     case $1 in
         cluster_frame) echo "-max_len=4096" ;;
-        gguf) echo "-max_len=65536" ;;
+        gguf) echo "-max_len=65536 -dict=$dicts/gguf.dict" ;;
         tokenizer) echo "-max_len=4096 -dict=$dicts/chatml.dict" ;;
         chat_template) echo "-max_len=4096 -dict=$dicts/chatml.dict" ;;
         openai_api) echo "-max_len=8192 -dict=$dicts/json.dict" ;;

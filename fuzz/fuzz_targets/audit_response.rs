@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use libfuzzer_sys::fuzz_target;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The audit's own bound on body bytes read per answer (audit/mod.rs `MAX_BODY_READ`).
 const MAX_BODY_READ: usize = 64 << 10;
@@ -82,8 +82,18 @@ async fn ask(io: tokio::io::DuplexStream) -> anyhow::Result<Answer> {
 fuzz_target!(|data: &[u8]| {
     let answer = runtime().block_on(async {
         let (client, server) = tokio::io::duplex(1 << 16);
-        let (_server_read, mut server_write) = tokio::io::split(server);
+        let (mut server_read, mut server_write) = tokio::io::split(server);
         let serve = async move {
+            // Answer once the request has arrived, as a server does (hyper refuses bytes that
+            // come before its request).
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match server_read.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
             let _ = server_write.write_all(data).await;
             let _ = server_write.shutdown().await;
         };
@@ -94,6 +104,9 @@ fuzz_target!(|data: &[u8]| {
             error: Some(format!("{e:#}")),
         })
     });
+    if std::env::var_os("BULWARK_FUZZ_DEBUG").is_some() {
+        eprintln!("{answer:?}");
+    }
     if let Some(s) = answer.status {
         assert!((100..=999).contains(&s), "status {s}");
     }
