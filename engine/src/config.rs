@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::config::{ClusterConfig, Role};
+use crate::digest::Sha256;
 use crate::model::arch::WeightFormat;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -74,7 +75,7 @@ pub struct ModelConfig {
     /// Local GGUF file.
     pub path: PathBuf,
     /// SHA-256 of the file (`bulwark model hash FILE`); checked before parsing.
-    pub sha256: String,
+    pub sha256: Sha256,
     /// The model id clients put in `model`.
     pub name: String,
     /// Context window in tokens (prompt + completion); at most the model's own.
@@ -153,7 +154,7 @@ pub struct EngineConfig {
     /// Prompt tokens processed per step across the batch (bounds a step's latency).
     pub max_batch_tokens: usize,
     /// `cpu`, or `cuda:N` in builds with the `cuda` feature.
-    pub device: String,
+    pub device: Device,
 }
 
 impl Default for EngineConfig {
@@ -163,7 +164,39 @@ impl Default for EngineConfig {
             io_threads: 1,
             max_batch: 16,
             max_batch_tokens: 512,
-            device: "cpu".into(),
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// Where the model computes: `engine.device`, parsed once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Device {
+    Cpu,
+    /// A CUDA device by ordinal (`cuda:N`).
+    Cuda(usize),
+}
+
+impl TryFrom<String> for Device {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "cpu" => Ok(Self::Cpu),
+            d => d
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("must be \"cpu\" or \"cuda:N\" (got {d:?})")),
+        }
+    }
+}
+
+impl From<Device> for String {
+    fn from(d: Device) -> String {
+        match d {
+            Device::Cpu => "cpu".into(),
+            Device::Cuda(n) => format!("cuda:{n}"),
         }
     }
 }
@@ -417,10 +450,6 @@ impl Config {
             1 << 24
         );
         ensure!(
-            m.sha256.len() == 64 && m.sha256.chars().all(|c| c.is_ascii_hexdigit()),
-            "model.sha256 must be 64 hex digits (run `bulwark model hash FILE`)"
-        );
-        ensure!(
             !m.name.is_empty() && m.name.len() <= 128 && !m.name.chars().any(char::is_control),
             "model.name must be 1 to 128 printable characters"
         );
@@ -464,7 +493,7 @@ impl Config {
             (1..=64).contains(&e.io_threads),
             "engine.io_threads must be between 1 and 64"
         );
-        match self.cuda_ordinal()? {
+        match self.cuda_ordinal() {
             Some(_) if !cfg!(feature = "cuda") => {
                 bail!(
                     "engine.device {:?} needs a build with the cuda feature (cargo build --features cuda)",
@@ -497,13 +526,10 @@ impl Config {
     }
 
     /// `Some(N)` for `engine.device = "cuda:N"`, `None` for the CPU.
-    pub fn cuda_ordinal(&self) -> Result<Option<usize>> {
-        match self.engine.device.as_str() {
-            "cpu" => Ok(None),
-            d => match d.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-                Some(n) => Ok(Some(n)),
-                None => bail!("engine.device must be \"cpu\" or \"cuda:N\" (got {d:?})"),
-            },
+    pub fn cuda_ordinal(&self) -> Option<usize> {
+        match self.engine.device {
+            Device::Cpu => None,
+            Device::Cuda(n) => Some(n),
         }
     }
 
@@ -608,7 +634,8 @@ name = "smollm2"
     }
 
     fn parse(s: &str) -> Result<Config> {
-        let cfg: Config = toml::from_str(s).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let cfg: Config =
+            toml::from_str(s).map_err(|e| anyhow::anyhow!("{}", explain_toml_error(s, &e)))?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -24,7 +24,7 @@ pub fn policy(cfg: &Config) -> Result<sandbox::Policy> {
     } else {
         None
     };
-    let gpu = cfg.cuda_ordinal()?.is_some();
+    let gpu = cfg.cuda_ordinal().is_some();
     // The CUDA driver keeps talking to its device files and reads its /proc and /sys entries.
     // The model needs no rule: it was opened before confinement and is read by descriptor.
     let fs = if gpu {

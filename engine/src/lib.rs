@@ -8,6 +8,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod confine;
+pub mod digest;
 pub mod files;
 pub mod firewall_cmd;
 pub mod infer;

@@ -235,7 +235,7 @@ fn check_model_pin(cfg: &Config) -> Result<()> {
     let model = cfg.resolve(&cfg.model.path);
     let actual = bulwark::model::gguf::sha256_file(&model)?;
     anyhow::ensure!(
-        actual.eq_ignore_ascii_case(&cfg.model.sha256),
+        actual == cfg.model.sha256,
         "model file {} has SHA-256 {actual}, but model.sha256 pins {}",
         model.display(),
         cfg.model.sha256

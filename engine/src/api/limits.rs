@@ -10,7 +10,7 @@ use super::error::ApiError;
 use crate::config::Limits;
 
 /// Header size and count against the configured limits. hyper enforces hard ceilings before
-/// this (see serve.rs); this check gives the configured, named answer.
+/// this (see serve/connection.rs); this check gives the configured, named answer.
 pub fn check_headers(headers: &HeaderMap, limits: &Limits) -> Result<(), ApiError> {
     if headers.len() > limits.max_headers {
         return Err(ApiError::HeadersTooLarge {

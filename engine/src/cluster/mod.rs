@@ -29,17 +29,15 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// This node's side of the handshake for a stage running `layers` of `model`.
 pub fn hello_for(
     model: &LlamaConfig,
-    sha256_hex: &str,
+    sha256: &crate::digest::Sha256,
     layers: std::ops::Range<usize>,
     last: bool,
     max_rows: usize,
     max_items: usize,
 ) -> anyhow::Result<frame::Hello> {
-    let mut sha = [0u8; 32];
-    hex::decode_to_slice(sha256_hex, &mut sha)?;
     Ok(frame::Hello {
         version: frame::PROTOCOL_VERSION,
-        model_sha256: sha,
+        model_sha256: sha256.0,
         layers: (layers.start as u32, layers.end as u32),
         last,
         dtype: frame::DTYPE_F32,

@@ -14,7 +14,7 @@ use crate::model::tokenizer::ModelTokenizer;
 /// Load a pinned GGUF model (on a cluster head, only `head_layers`): hash check, then header, tokenizer, template and weights.
 pub fn load(
     file: ModelFile,
-    sha256: &str,
+    sha256: &crate::digest::Sha256,
     name: &str,
     context_length: Option<usize>,
     weights: WeightFormat,
@@ -77,7 +77,7 @@ pub fn load(
 /// layer). A worker needs neither the embedding, nor the tokenizer, nor the template.
 pub fn load_worker_stage(
     file: ModelFile,
-    sha256: &str,
+    sha256: &crate::digest::Sha256,
     layers: std::ops::Range<usize>,
     context_length: Option<usize>,
     weights: WeightFormat,

@@ -36,7 +36,7 @@ impl ModelFile {
     }
 
     /// SHA-256 of the whole file, as lowercase hex; leaves the file positioned at its start.
-    pub fn sha256(&mut self) -> Result<String> {
+    pub fn sha256(&mut self) -> Result<crate::digest::Sha256> {
         self.file.seek(SeekFrom::Start(0))?;
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; HASH_CHUNK_BYTES];
@@ -51,7 +51,7 @@ impl ModelFile {
             hasher.update(&buf[..n]);
         }
         self.file.seek(SeekFrom::Start(0))?;
-        Ok(hex::encode(hasher.finalize()))
+        Ok(crate::digest::Sha256(hasher.finalize().into()))
     }
 
     /// Seconds since the epoch of the last modification (the API's `created`), 0 if unknown.
@@ -65,8 +65,8 @@ impl ModelFile {
     }
 }
 
-/// SHA-256 of a regular file, as lowercase hex.
-pub fn sha256_file(path: &Path) -> Result<String> {
+/// SHA-256 of a regular file.
+pub fn sha256_file(path: &Path) -> Result<crate::digest::Sha256> {
     ModelFile::open(path)?.sha256()
 }
 
@@ -139,7 +139,7 @@ fn skip_value<R: Read + Seek>(r: &mut R, ty: u32, long: bool, depth: usize) -> s
     match ty {
         0 | 1 | 7 => r.seek_relative(1),
         2 | 3 => r.seek_relative(2),
-        4 | 5 | 6 => r.seek_relative(4),
+        4..=6 => r.seek_relative(4),
         10..=12 => r.seek_relative(8),
         8 => {
             let n = read_len(r, long)?;
@@ -156,7 +156,7 @@ fn skip_value<R: Read + Seek>(r: &mut R, ty: u32, long: bool, depth: usize) -> s
                 _ => None,
             };
             match size {
-                Some(size) => r.seek_relative(fixed(n.checked_mul(size).unwrap_or(u64::MAX))?),
+                Some(size) => r.seek_relative(fixed(n.saturating_mul(size))?),
                 None => {
                     for _ in 0..n {
                         skip_value(r, elem, long, depth + 1)?;
@@ -192,9 +192,12 @@ pub struct GgufFile {
 
 impl GgufFile {
     /// Hash the file, compare with `expected_sha256`, and only then parse the header.
-    pub fn open_pinned(mut file: ModelFile, expected_sha256: &str) -> Result<Self> {
+    pub fn open_pinned(
+        mut file: ModelFile,
+        expected_sha256: &crate::digest::Sha256,
+    ) -> Result<Self> {
         let actual = file.sha256()?;
-        if !actual.eq_ignore_ascii_case(expected_sha256) {
+        if actual != *expected_sha256 {
             bail!(
                 "model file {} has SHA-256 {actual}, but the configuration pins {expected_sha256} \
                  (model.sha256); refusing to load it",

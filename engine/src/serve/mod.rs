@@ -156,7 +156,7 @@ fn head_client_config(cfg: &Config) -> Result<Option<Arc<rustls::ClientConfig>>>
 }
 
 pub fn open_device(cfg: &Config) -> Result<candle_core::Device> {
-    Ok(match cfg.cuda_ordinal()? {
+    Ok(match cfg.cuda_ordinal() {
         None => candle_core::Device::Cpu,
         Some(n) => candle_core::Device::new_cuda(n)
             .with_context(|| format!("opening engine.device cuda:{n}"))?,

@@ -59,7 +59,7 @@ fn load() -> (
 ) {
     bulwark::infer::load::load(
         bulwark::model::gguf::ModelFile::open(&util::model_path()).unwrap(),
-        util::MODEL_SHA256,
+        &bulwark::digest::Sha256::parse(util::MODEL_SHA256).unwrap(),
         "m",
         Some(512),
         WeightFormat::F32,
