@@ -111,8 +111,7 @@ impl Prepared {
         let uid = sys::geteuid();
         // INVARIANT: the SIGSYS reporter is in place before any filter can trap.
         if !self.policy.seccomp_log_only {
-            sys::install_sigsys_reporter()
-                .map_err(privileges("installing the SIGSYS reporter"))?;
+            sys::install_sigsys_reporter().map_err(privileges("installing the SIGSYS reporter"))?;
         }
         // INVARIANT: seccomp last, on every thread (TSYNC; there is only this one); the
         // allowlist goes on after the clone3 filter, as nothing but itself can be loaded after.

@@ -183,7 +183,11 @@ const SI_SYSCALL_OFFSET: usize = 24;
 extern "C" fn report_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo_t for SA_SIGINFO handlers; for SIGSYS the
     // system call number sits at SI_SYSCALL_OFFSET (include/uapi/asm-generic/siginfo.h).
-    let nr = unsafe { *(info as *const u8).add(SI_SYSCALL_OFFSET).cast::<libc::c_int>() };
+    let nr = unsafe {
+        *(info as *const u8)
+            .add(SI_SYSCALL_OFFSET)
+            .cast::<libc::c_int>()
+    };
     let mut line = [0u8; 160];
     let mut len = 0;
     let mut digits = [0u8; 12];
