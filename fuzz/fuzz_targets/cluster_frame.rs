@@ -34,14 +34,21 @@ fuzz_target!(|data: &[u8]| {
     };
     let expected_step = u64::from(limits[5] % 4);
     let expected_rows = 1 + usize::from(limits[6] % 8);
-    let width = if agreed.last { agreed.vocab } else { agreed.hidden } as usize;
+    let width = if agreed.last {
+        agreed.vocab
+    } else {
+        agreed.hidden
+    } as usize;
 
     let mut max = HANDSHAKE_MAX_FRAME;
     for _ in 0..MAX_FRAMES {
         let Ok(f) = frame::read_frame(&mut wire, max) else {
             return;
         };
-        assert!(f.payload.len() <= max, "read_frame let an oversized frame through");
+        assert!(
+            f.payload.len() <= max,
+            "read_frame let an oversized frame through"
+        );
         match f.kind {
             Kind::Hello | Kind::HelloOk => {
                 if let Ok(h) = Hello::decode(&f.payload) {
@@ -60,9 +67,7 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             Kind::Hidden | Kind::Logits => {
-                if let Ok(o) =
-                    StepOutput::decode(&f.payload, expected_step, expected_rows, width)
-                {
+                if let Ok(o) = StepOutput::decode(&f.payload, expected_step, expected_rows, width) {
                     assert_eq!(o.data.len(), expected_rows * width);
                     assert_eq!(o.encode(), f.payload, "StepOutput does not round-trip");
                 }

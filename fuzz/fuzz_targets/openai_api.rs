@@ -76,5 +76,8 @@ fuzz_target!(|data: &[u8]| {
     );
     assert_ne!(status, StatusCode::OK, "a generation without a model");
     let v: serde_json::Value = serde_json::from_slice(&bytes).expect("a JSON answer");
-    assert!(v["error"]["message"].is_string(), "not an OpenAI error: {v}");
+    assert!(
+        v["error"]["message"].is_string(),
+        "not an OpenAI error: {v}"
+    );
 });

@@ -36,8 +36,12 @@ fn base() -> &'static Base {
         let mut metadata: Vec<(String, Value)> = c
             .metadata
             .iter()
-            .filter(|(k, _)| k.starts_with("tokenizer.ggml.") || k.as_str() == "general.architecture")
-            .filter(|(k, _)| !k.ends_with(".tokens") && !k.ends_with(".token_type") && !k.ends_with(".merges"))
+            .filter(|(k, _)| {
+                k.starts_with("tokenizer.ggml.") || k.as_str() == "general.architecture"
+            })
+            .filter(|(k, _)| {
+                !k.ends_with(".tokens") && !k.ends_with(".token_type") && !k.ends_with(".merges")
+            })
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         metadata.sort_by(|a, b| a.0.cmp(&b.0));
