@@ -37,23 +37,11 @@ fn init_logging(format: LogFormat) {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Serve { config, log_format } => {
-            let cfg = Config::load(&config)?;
-            init_logging(log_format.unwrap_or(cfg.log.format));
-            set_compute_threads(cfg.compute_threads());
-            report_panics_without_backtraces();
-            bulwark::serve::run(&config)?;
-        }
+        Command::Serve { config, log_format } => serve(&config, log_format),
         Command::CheckConfig {
             config,
             check_files,
-        } => {
-            let cfg = Config::load(&config)?;
-            if check_files {
-                check_files_of(&cfg)?;
-            }
-            println!("{}: ok", config.display());
-        }
+        } => check_config(&config, check_files),
         Command::Audit {
             url,
             api_key_file,
@@ -73,65 +61,93 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 deadline: std::time::Duration::from_secs(deadline.max(1)),
                 intrusive,
             };
-            return audit(opts, api_key_file.as_deref(), format);
+            audit(opts, api_key_file.as_deref(), format)
         }
-        Command::Firewall { command } => match command {
-            FirewallCommand::Print { config, format } => bulwark::firewall_cmd::print(
-                &Config::load(&config)?,
-                matches!(format, FirewallFormat::Json),
-            )?,
-            FirewallCommand::Apply { config } => {
-                bulwark::firewall_cmd::apply(&Config::load(&config)?)?
-            }
-            FirewallCommand::Verify { config } => {
-                if !bulwark::firewall_cmd::verify(&Config::load(&config)?)? {
-                    return Ok(ExitCode::from(1));
-                }
-            }
-        },
+        Command::Firewall { command } => firewall(command),
         Command::Init {
             dir,
             model,
             listen,
             name,
-        } => init(&dir, &model, listen, name)?,
+        } => done(init(&dir, &model, listen, name)),
         Command::Keys {
             command: KeysCommand::New { name, keys_file },
-        } => {
-            let key = bulwark::keys::append_new_key(&keys_file, &name)?;
-            eprintln!(
-                "added key {name:?} to {}; it is shown only once:",
-                keys_file.display()
-            );
-            println!("{key}");
+        } => done(new_key(&keys_file, &name)),
+        Command::Model { command } => done(model(command)),
+        Command::Certs { command } => done(certs(command)),
+    }
+}
+
+fn done(r: Result<()>) -> Result<ExitCode> {
+    r.map(|()| ExitCode::SUCCESS)
+}
+
+fn serve(config: &Path, log_format: Option<LogFormat>) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    init_logging(log_format.unwrap_or(cfg.log.format));
+    set_compute_threads(cfg.compute_threads());
+    report_panics_without_backtraces();
+    bulwark::serve::run(config)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check_config(config: &Path, check_files: bool) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    if check_files {
+        check_files_of(&cfg)?;
+    }
+    println!("{}: ok", config.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn firewall(command: FirewallCommand) -> Result<ExitCode> {
+    match command {
+        FirewallCommand::Print { config, format } => bulwark::firewall_cmd::print(
+            &Config::load(&config)?,
+            matches!(format, FirewallFormat::Json),
+        )?,
+        FirewallCommand::Apply { config } => bulwark::firewall_cmd::apply(&Config::load(&config)?)?,
+        FirewallCommand::Verify { config } => {
+            if !bulwark::firewall_cmd::verify(&Config::load(&config)?)? {
+                return Ok(ExitCode::from(1));
+            }
         }
-        Command::Model {
-            command: ModelCommand::Hash { file },
-        } => {
-            println!("{}", bulwark::model::gguf::sha256_file(&file)?);
-        }
-        Command::Model {
-            command: ModelCommand::Inspect { file },
-        } => {
-            print!("{}", bulwark::model::inspect(&file)?);
-        }
-        Command::Certs {
-            command: CertsCommand::Ca { dir },
-        } => {
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn new_key(keys_file: &Path, name: &str) -> Result<()> {
+    let key = bulwark::keys::append_new_key(keys_file, name)?;
+    eprintln!(
+        "added key {name:?} to {}; it is shown only once:",
+        keys_file.display()
+    );
+    println!("{key}");
+    Ok(())
+}
+
+fn model(command: ModelCommand) -> Result<()> {
+    match command {
+        ModelCommand::Hash { file } => println!("{}", bulwark::model::gguf::sha256_file(&file)?),
+        ModelCommand::Inspect { file } => print!("{}", bulwark::model::inspect(&file)?),
+    }
+    Ok(())
+}
+
+fn certs(command: CertsCommand) -> Result<()> {
+    match command {
+        CertsCommand::Ca { dir } => {
             bulwark::certs::make_cluster_ca(&dir)?;
             eprintln!(
                 "cluster CA written to {}: ca.pem, ca.key (keep ca.key offline)",
                 dir.display()
             );
         }
-        Command::Certs {
-            command:
-                CertsCommand::Issue {
-                    ca_dir,
-                    name,
-                    ips,
-                    out,
-                },
+        CertsCommand::Issue {
+            ca_dir,
+            name,
+            ips,
+            out,
         } => {
             bulwark::certs::issue_node_cert(&ca_dir, &name, &ips, &out)?;
             eprintln!(
@@ -140,7 +156,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// Exit statuses of `bulwark audit`.

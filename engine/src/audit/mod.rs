@@ -554,10 +554,36 @@ pub async fn run(o: &Options) -> Result<Option<Report>> {
         return Ok(None);
     }
     let key = o.api_key.clone();
+    let probes = probe_routes(&t, &key, o.intrusive).await?;
+    let mut checks = vec![
+        transport_check(&t, o).await,
+        cors_check(&t, &key).await,
+        openai_check(&probes),
+    ];
+    checks.extend(EXPOSURE_CHECKS.iter().map(|e| {
+        check(
+            e.id,
+            e.title,
+            e.impact,
+            e.remediation,
+            exposed(&probes, e.categories, e.paths),
+        )
+    }));
+    checks.push(edge_check(&t, &key).await);
+    checks.push(errors_check(&probes));
+    Ok(Some(report(o, key.is_some(), checks, probes)))
+}
+
+/// Every route of the table, anonymously and (with a key) authenticated, a few at a time.
+async fn probe_routes(
+    t: &Arc<Target>,
+    key: &Option<String>,
+    intrusive: bool,
+) -> Result<Vec<Probe>> {
     let sem = Arc::new(Semaphore::new(CONCURRENCY));
     let mut tasks = Vec::new();
     for r in ROUTES {
-        let (t, sem, key, intrusive) = (t.clone(), sem.clone(), key.clone(), o.intrusive);
+        let (t, sem, key, intrusive) = (t.clone(), sem.clone(), key.clone(), intrusive);
         tasks.push(tokio::spawn(async move {
             let _p = sem.acquire_owned().await;
             let r: &Route = r;
@@ -592,10 +618,11 @@ pub async fn run(o: &Options) -> Result<Option<Report>> {
     for task in tasks {
         probes.push(task.await?);
     }
+    Ok(probes)
+}
 
-    let mut checks = Vec::new();
-
-    // Transport.
+/// TLS is used, and the TLS port does not answer plaintext.
+async fn transport_check(t: &Target, o: &Options) -> Check {
     let mut tls_evidence = Vec::new();
     if !t.https {
         tls_evidence.push(format!("{} is plain HTTP", o.url));
@@ -605,10 +632,17 @@ pub async fn run(o: &Options) -> Result<Option<Report>> {
             t.host, t.port
         ));
     }
-    checks.push(check("use-tls", "TLS is used, and the TLS port does not answer plaintext", 80,
-        "Serve HTTPS natively (Bulwark: server.tls_cert/tls_key, the default) and never plain HTTP on the same port.", tls_evidence));
+    check(
+        "use-tls",
+        "TLS is used, and the TLS port does not answer plaintext",
+        80,
+        "Serve HTTPS natively (Bulwark: server.tls_cert/tls_key, the default) and never plain HTTP on the same port.",
+        tls_evidence,
+    )
+}
 
-    // CORS: preflight and simple requests on several paths; a wildcard or a reflected origin fails.
+/// CORS: preflight and simple requests on several paths; a wildcard or a reflected origin fails.
+async fn cors_check(t: &Target, key: &Option<String>) -> Check {
     let mut cors = Findings::default();
     for path in ["/", "/v1/completions", "/v1/chat/completions", "/v1/models"] {
         let pre = [
@@ -655,15 +689,17 @@ pub async fn run(o: &Options) -> Result<Option<Report>> {
             }
         }
     }
-    checks.push(check(
+    check(
         "cors-not-wide-open",
         "CORS allows no wildcard or reflected origin",
         70,
         "Allow only exact, configured origins (Bulwark: server.cors_origins, empty by default).",
         cors,
-    ));
+    )
+}
 
-    // OpenAI routes that exist must require authentication.
+/// OpenAI routes that exist must require authentication.
+fn openai_check(probes: &[Probe]) -> Check {
     let mut openai = Findings::default();
     for p in probes
         .iter()
@@ -677,24 +713,17 @@ pub async fn run(o: &Options) -> Result<Option<Report>> {
             None => openai.undecided.push(line),
         }
     }
-    checks.push(check(
+    check(
         "openai-routes-require-authentication",
         "OpenAI routes require authentication",
         100,
         "Require an API key on every route (Bulwark authenticates before routing).",
         openai,
-    ));
-    for e in EXPOSURE_CHECKS {
-        checks.push(check(
-            e.id,
-            e.title,
-            e.impact,
-            e.remediation,
-            exposed(&probes, e.categories, e.paths),
-        ));
-    }
+    )
+}
 
-    // Auth edge cases: path variants anonymously; the key from places other than the header.
+/// Path variants are not anonymous; keys only from the Authorization header.
+async fn edge_check(t: &Target, key: &Option<String>) -> Check {
     let mut edge = Findings::default();
     for v in [
         "//v1/models",
@@ -731,16 +760,18 @@ pub async fn run(o: &Options) -> Result<Option<Report>> {
                 .push("GET /v1/models accepted the key from an X-API-Key header".into());
         }
     }
-    checks.push(check(
+    check(
         "auth-edge-cases",
         "Path variants are not anonymous; keys only from the Authorization header",
         80,
         "Authenticate before routing, on the raw path; accept keys only as Authorization: Bearer.",
         edge,
-    ));
+    )
+}
 
-    // A 5xx is a finding (an unhandled error on an unauthenticated path); a timeout or a
-    // transport error makes verdicts unknown, and can hide exposures: inconclusive.
+/// A 5xx is a finding (an unhandled error on an unauthenticated path); a timeout or a
+/// transport error makes verdicts unknown, and can hide exposures: inconclusive.
+fn errors_check(probes: &[Probe]) -> Check {
     let mut errors = Findings::default();
     for (p, w, a) in probes.iter().flat_map(|p| {
         std::iter::once(("anonymous", &p.anonymous))
@@ -754,14 +785,17 @@ pub async fn run(o: &Options) -> Result<Option<Report>> {
             None => errors.undecided.push(line),
         }
     }
-    checks.push(check(
+    check(
         "no-errors-or-timeouts",
         "No probe got a 5xx or timed out",
         60,
         "Answer every unknown or unauthenticated request with a definite 401/403/404.",
         errors,
-    ));
+    )
+}
 
+/// The score, and the notes (redirects) that are not findings.
+fn report(o: &Options, authenticated: bool, checks: Vec<Check>, probes: Vec<Probe>) -> Report {
     let total: u32 = checks.iter().map(|c| c.impact).sum();
     let passed: u32 = checks.iter().filter(|c| c.passed).map(|c| c.impact).sum();
     let redirected: Vec<&Probe> = probes
@@ -780,14 +814,14 @@ pub async fn run(o: &Options) -> Result<Option<Report>> {
             first.anonymous.header("location").unwrap_or("?")
         ));
     }
-    Ok(Some(Report {
+    Report {
         target: o.url.clone(),
-        authenticated: key.is_some(),
+        authenticated,
         score: passed * 100 / total.max(1),
         checks,
         notes,
         probes,
-    }))
+    }
 }
 
 pub fn render_text(r: &Report) -> String {
