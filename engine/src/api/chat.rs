@@ -136,6 +136,51 @@ fn refuse(present: bool, message: &str, param: &'static str) -> Result<(), ApiEr
 
 pub fn prepare(state: &AppState, r: ChatRequest) -> Result<(Prepared, bool, bool), ApiError> {
     openai::check_model(state, &r.model)?;
+    refuse_unsupported(&r)?;
+    let sampling = openai::sampling(&SamplingFields {
+        temperature: r.temperature,
+        top_p: r.top_p,
+        top_k: r.top_k,
+        seed: r.seed,
+        presence_penalty: r.presence_penalty,
+        frequency_penalty: r.frequency_penalty,
+        n: r.n,
+    })?;
+    let stop = openai::stop_sequences(state, r.stop)?;
+    let top = openai::check_top_logprobs(r.top_logprobs)?;
+    if r.top_logprobs.is_some() && r.logprobs != Some(true) {
+        return Err(ApiError::invalid(
+            "top_logprobs requires logprobs = true.",
+            "top_logprobs",
+        ));
+    }
+    let logprobs = (r.logprobs == Some(true)).then_some(top);
+    let messages = chat_messages(state, r.messages)?;
+    let prompt = encode_prompt(state, &messages)?;
+    let requested = r.max_completion_tokens.or(r.max_tokens);
+    let max_tokens = openai::check_lengths(
+        state,
+        prompt.len(),
+        "messages",
+        requested,
+        state.limits.max_tokens,
+    )?;
+    let (stream, include_usage) = openai::stream_flags(r.stream, r.stream_options.as_ref())?;
+    Ok((
+        Prepared {
+            prompt,
+            max_tokens,
+            sampling,
+            stop,
+            logprobs,
+        },
+        stream,
+        include_usage,
+    ))
+}
+
+/// Features this server does not have, refused by name rather than ignored.
+fn refuse_unsupported(r: &ChatRequest) -> Result<(), ApiError> {
     refuse(
         r.chat_template.is_some() || r.chat_template_kwargs.is_some(),
         "Request-supplied chat templates are refused; the model's own template is used.",
@@ -159,29 +204,15 @@ pub fn prepare(state: &AppState, r: ChatRequest) -> Result<(Prepared, bool, bool
             "response_format",
         ));
     }
-    let sampling = openai::sampling(&SamplingFields {
-        temperature: r.temperature,
-        top_p: r.top_p,
-        top_k: r.top_k,
-        seed: r.seed,
-        presence_penalty: r.presence_penalty,
-        frequency_penalty: r.frequency_penalty,
-        n: r.n,
-    })?;
-    let stop = openai::stop_sequences(state, r.stop)?;
-    let top = openai::check_top_logprobs(r.top_logprobs)?;
-    if r.top_logprobs.is_some() && r.logprobs != Some(true) {
-        return Err(ApiError::invalid(
-            "top_logprobs requires logprobs = true.",
-            "top_logprobs",
-        ));
-    }
-    let logprobs = (r.logprobs == Some(true)).then_some(top);
+    Ok(())
+}
 
-    if r.messages.is_empty() {
+/// The conversation, checked message by message: roles, replayed fields, text content.
+fn chat_messages(state: &AppState, input: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
+    if input.is_empty() {
         return Err(ApiError::invalid("messages must not be empty.", "messages"));
     }
-    if r.messages.len() > state.limits.max_messages {
+    if input.len() > state.limits.max_messages {
         return Err(ApiError::invalid(
             format!(
                 "At most {} messages are allowed (limits.max_messages).",
@@ -190,8 +221,8 @@ pub fn prepare(state: &AppState, r: ChatRequest) -> Result<(Prepared, bool, bool
             "messages",
         ));
     }
-    let mut messages = Vec::with_capacity(r.messages.len());
-    for (i, m) in r.messages.into_iter().enumerate() {
+    let mut messages = Vec::with_capacity(input.len());
+    for (i, m) in input.into_iter().enumerate() {
         if let Some(field) = m.unsupported_field() {
             return Err(ApiError::invalid(
                 format!("messages[{i}].{field} is not supported (only its null or empty form)."),
@@ -214,6 +245,12 @@ pub fn prepare(state: &AppState, r: ChatRequest) -> Result<(Prepared, bool, bool
             content: message_text(m.content, i)?,
         });
     }
+    Ok(messages)
+}
+
+/// Render the conversation with the model's template and encode it, message contents as plain
+/// text (their control-token strings stay text), bounded in bytes before tokenizing.
+fn encode_prompt(state: &AppState, messages: &[ChatMessage]) -> Result<Vec<u32>, ApiError> {
     let template = state.model.template.as_ref().ok_or_else(|| {
         ApiError::invalid(
             "This model has no chat template; use /v1/completions.",
@@ -222,7 +259,7 @@ pub fn prepare(state: &AppState, r: ChatRequest) -> Result<(Prepared, bool, bool
     })?;
     let text_bytes: usize = messages.iter().map(|m| m.content.len()).sum();
     openai::check_prompt_bytes(state, text_bytes, "messages")?;
-    let rendered = template.render(&messages, true).map_err(|e| {
+    let rendered = template.render(messages, true).map_err(|e| {
         tracing::warn!(error = %format!("{e:#}"), "chat template rejected the conversation");
         ApiError::invalid(
             "The model's chat template rejected these messages.",
@@ -242,26 +279,7 @@ pub fn prepare(state: &AppState, r: ChatRequest) -> Result<(Prepared, bool, bool
                 "messages",
             )
         })?;
-    let requested = r.max_completion_tokens.or(r.max_tokens);
-    let max_tokens = openai::check_lengths(
-        state,
-        prompt.len(),
-        "messages",
-        requested,
-        state.limits.max_tokens,
-    )?;
-    let (stream, include_usage) = openai::stream_flags(r.stream, r.stream_options.as_ref())?;
-    Ok((
-        Prepared {
-            prompt,
-            max_tokens,
-            sampling,
-            stop,
-            logprobs,
-        },
-        stream,
-        include_usage,
-    ))
+    Ok(prompt)
 }
 
 pub async fn handle(
