@@ -270,6 +270,104 @@ fn check_name(n: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// The named address sets of a table, one per family, built as rules need them.
+#[derive(Default)]
+struct Sets(Vec<SetDef>);
+
+impl Sets {
+    /// Add `base_v4` / `base_v6` for the addresses of `cidrs` (sorted, deduplicated; a family
+    /// with none gets no set); returns the sets made.
+    fn add(&mut self, base: &str, cidrs: &[Cidr]) -> Vec<(Family, String)> {
+        let mut out = Vec::new();
+        for fam in [Family::V4, Family::V6] {
+            let mut elements: Vec<Cidr> = cidrs
+                .iter()
+                .copied()
+                .filter(|c| Family::of(&c.addr) == fam)
+                .collect();
+            elements.sort();
+            elements.dedup();
+            if !elements.is_empty() {
+                let name = format!("{base}_{}", fam.suffix());
+                self.0.push(SetDef {
+                    name: name.clone(),
+                    family: fam,
+                    elements,
+                });
+                out.push((fam, name));
+            }
+        }
+        out
+    }
+}
+
+/// What every input chain starts with: loopback, replies, invalid packets, essential ICMP.
+fn base_input_rules() -> Vec<Rule> {
+    vec![
+        rule(
+            vec![Match::IifLoopback],
+            Verdict::Accept,
+            "loopback: local clients and the metrics scraper",
+        ),
+        rule(
+            vec![Match::CtState(vec!["established", "related"])],
+            Verdict::Accept,
+            "replies and related traffic of allowed connections",
+        ),
+        rule(
+            vec![Match::CtState(vec!["invalid"])],
+            Verdict::Drop,
+            "packets that belong to no valid connection",
+        ),
+        rule(
+            vec![Match::IcmpType(ICMP_TYPES.to_vec())],
+            Verdict::Accept,
+            "essential ICMPv4: errors, path MTU, echo",
+        ),
+        rule(
+            vec![Match::Icmpv6Type(ICMPV6_TYPES.to_vec())],
+            Verdict::Accept,
+            "essential ICMPv6: errors, path MTU, neighbour discovery",
+        ),
+    ]
+}
+
+/// The engine user's egress: replies, its peers' internal ports, nothing else.
+fn egress_chain(e: &Egress) -> ChainDef {
+    let mut out = vec![rule(
+        vec![
+            Match::SkUid(e.uid),
+            Match::CtState(vec!["established", "related"]),
+        ],
+        Verdict::Accept,
+        "engine: replies on connections already allowed",
+    )];
+    let mut peers = e.peers.clone();
+    peers.sort();
+    peers.dedup();
+    for (addr, port) in peers {
+        out.push(rule(
+            vec![
+                Match::SkUid(e.uid),
+                Match::Daddr(addr),
+                Match::TcpDport(port),
+            ],
+            Verdict::Accept,
+            format!("engine: to peer {addr} port {port}"),
+        ));
+    }
+    out.push(rule(
+        vec![Match::SkUid(e.uid)],
+        Verdict::Drop,
+        "engine: no other outbound traffic",
+    ));
+    ChainDef {
+        name: "output",
+        policy: Verdict::Accept,
+        rules: out,
+    }
+}
+
 fn rule(matches: Vec<Match>, verdict: Verdict, comment: impl Into<String>) -> Rule {
     Rule {
         matches,
@@ -282,66 +380,9 @@ impl Policy {
     /// Render the policy into its ruleset (deterministic: inputs are sorted).
     pub fn render(&self) -> Result<Ruleset, Error> {
         check_name(&self.table)?;
-        let mut ports: Vec<u16> = self.api_port.into_iter().collect();
-        ports.extend(self.internal.iter().map(|i| i.port));
-        ports.extend(self.metrics_port);
-        let mut seen = std::collections::BTreeSet::new();
-        for p in ports {
-            if !seen.insert(p) {
-                return Err(Error::PortClash(p));
-            }
-        }
-        let mut sets = Vec::new();
-        let mut add_sets = |base: &str, cidrs: &[Cidr]| -> Vec<(Family, String)> {
-            let mut out = Vec::new();
-            for fam in [Family::V4, Family::V6] {
-                let mut elements: Vec<Cidr> = cidrs
-                    .iter()
-                    .copied()
-                    .filter(|c| Family::of(&c.addr) == fam)
-                    .collect();
-                elements.sort();
-                elements.dedup();
-                if !elements.is_empty() {
-                    let name = format!("{base}_{}", fam.suffix());
-                    sets.push(SetDef {
-                        name: name.clone(),
-                        family: fam,
-                        elements,
-                    });
-                    out.push((fam, name));
-                }
-            }
-            out
-        };
-
-        let mut input = vec![
-            rule(
-                vec![Match::IifLoopback],
-                Verdict::Accept,
-                "loopback: local clients and the metrics scraper",
-            ),
-            rule(
-                vec![Match::CtState(vec!["established", "related"])],
-                Verdict::Accept,
-                "replies and related traffic of allowed connections",
-            ),
-            rule(
-                vec![Match::CtState(vec!["invalid"])],
-                Verdict::Drop,
-                "packets that belong to no valid connection",
-            ),
-            rule(
-                vec![Match::IcmpType(ICMP_TYPES.to_vec())],
-                Verdict::Accept,
-                "essential ICMPv4: errors, path MTU, echo",
-            ),
-            rule(
-                vec![Match::Icmpv6Type(ICMPV6_TYPES.to_vec())],
-                Verdict::Accept,
-                "essential ICMPv6: errors, path MTU, neighbour discovery",
-            ),
-        ];
+        self.check_ports()?;
+        let mut sets = Sets::default();
+        let mut input = base_input_rules();
         if let Some(m) = self.metrics_port {
             input.push(rule(
                 vec![Match::TcpDport(m)],
@@ -351,43 +392,84 @@ impl Policy {
         }
         // A cluster worker serves no API: no API rule at all.
         if let Some(api_port) = self.api_port {
-            if let Some(rate) = self.api_rate {
-                for fam in [Family::V4, Family::V6] {
-                    input.push(rule(
-                        vec![
-                            Match::TcpDport(api_port),
-                            Match::CtState(vec!["new"]),
-                            Match::SourceOverRate {
-                                meter: format!("api_new_{}", fam.suffix()),
-                                family: fam,
-                                rate,
-                            },
-                        ],
-                        Verdict::Drop,
-                        format!(
-                            "API: over {}/s new connections from one {} source",
-                            rate.per_second,
-                            fam.proto()
-                        ),
-                    ));
-                }
-            }
-            if self.api_sources.is_empty() {
-                input.push(rule(
-                    vec![Match::TcpDport(api_port)],
-                    Verdict::Accept,
-                    "API: open to clients",
-                ));
-            } else {
-                for (fam, set) in add_sets("api_sources", &self.api_sources) {
-                    input.push(rule(
-                        vec![Match::SaddrInSet(fam, set), Match::TcpDport(api_port)],
-                        Verdict::Accept,
-                        format!("API: open to the listed {} client networks", fam.proto()),
-                    ));
-                }
+            input.extend(self.api_rules(api_port, &mut sets));
+        }
+        input.extend(self.internal_rules(&mut sets)?);
+        let mut chains = vec![ChainDef {
+            name: "input",
+            policy: Verdict::Drop,
+            rules: input,
+        }];
+        if let Some(e) = &self.egress {
+            chains.push(egress_chain(e));
+        }
+        Ok(Ruleset {
+            table: self.table.clone(),
+            sets: sets.0,
+            chains,
+        })
+    }
+
+    /// Every port the table opens or closes is distinct.
+    fn check_ports(&self) -> Result<(), Error> {
+        let mut ports: Vec<u16> = self.api_port.into_iter().collect();
+        ports.extend(self.internal.iter().map(|i| i.port));
+        ports.extend(self.metrics_port);
+        let mut seen = std::collections::BTreeSet::new();
+        for p in ports {
+            if !seen.insert(p) {
+                return Err(Error::PortClash(p));
             }
         }
+        Ok(())
+    }
+
+    /// The API port: a per-source rate limit on new connections, then open to everyone or to
+    /// the listed networks.
+    fn api_rules(&self, api_port: u16, sets: &mut Sets) -> Vec<Rule> {
+        let mut rules = Vec::new();
+        if let Some(rate) = self.api_rate {
+            for fam in [Family::V4, Family::V6] {
+                rules.push(rule(
+                    vec![
+                        Match::TcpDport(api_port),
+                        Match::CtState(vec!["new"]),
+                        Match::SourceOverRate {
+                            meter: format!("api_new_{}", fam.suffix()),
+                            family: fam,
+                            rate,
+                        },
+                    ],
+                    Verdict::Drop,
+                    format!(
+                        "API: over {}/s new connections from one {} source",
+                        rate.per_second,
+                        fam.proto()
+                    ),
+                ));
+            }
+        }
+        if self.api_sources.is_empty() {
+            rules.push(rule(
+                vec![Match::TcpDport(api_port)],
+                Verdict::Accept,
+                "API: open to clients",
+            ));
+        } else {
+            for (fam, set) in sets.add("api_sources", &self.api_sources) {
+                rules.push(rule(
+                    vec![Match::SaddrInSet(fam, set), Match::TcpDport(api_port)],
+                    Verdict::Accept,
+                    format!("API: open to the listed {} client networks", fam.proto()),
+                ));
+            }
+        }
+        rules
+    }
+
+    /// Internal (multi-node) ports, each open only to its peers' addresses.
+    fn internal_rules(&self, sets: &mut Sets) -> Result<Vec<Rule>, Error> {
+        let mut rules = Vec::new();
         let mut internal = self.internal.clone();
         internal.sort_by(|a, b| a.name.cmp(&b.name));
         for ip in &internal {
@@ -400,8 +482,8 @@ impl Policy {
                     len: if a.is_ipv4() { 32 } else { 128 },
                 })
                 .collect();
-            for (fam, set) in add_sets(&format!("peers_{}", ip.name), &cidrs) {
-                input.push(rule(
+            for (fam, set) in sets.add(&format!("peers_{}", ip.name), &cidrs) {
+                rules.push(rule(
                     vec![Match::SaddrInSet(fam, set), Match::TcpDport(ip.port)],
                     Verdict::Accept,
                     format!(
@@ -412,49 +494,6 @@ impl Policy {
                 ));
             }
         }
-        let mut chains = vec![ChainDef {
-            name: "input",
-            policy: Verdict::Drop,
-            rules: input,
-        }];
-        if let Some(e) = &self.egress {
-            let mut out = vec![rule(
-                vec![
-                    Match::SkUid(e.uid),
-                    Match::CtState(vec!["established", "related"]),
-                ],
-                Verdict::Accept,
-                "engine: replies on connections already allowed",
-            )];
-            let mut peers = e.peers.clone();
-            peers.sort();
-            peers.dedup();
-            for (addr, port) in peers {
-                out.push(rule(
-                    vec![
-                        Match::SkUid(e.uid),
-                        Match::Daddr(addr),
-                        Match::TcpDport(port),
-                    ],
-                    Verdict::Accept,
-                    format!("engine: to peer {addr} port {port}"),
-                ));
-            }
-            out.push(rule(
-                vec![Match::SkUid(e.uid)],
-                Verdict::Drop,
-                "engine: no other outbound traffic",
-            ));
-            chains.push(ChainDef {
-                name: "output",
-                policy: Verdict::Accept,
-                rules: out,
-            });
-        }
-        Ok(Ruleset {
-            table: self.table.clone(),
-            sets,
-            chains,
-        })
+        Ok(rules)
     }
 }
