@@ -125,20 +125,45 @@ pub(crate) fn nibble(qs: &[u8; 16], i: usize) -> u8 {
 
 /// One block quantized the llama.cpp x86 way; returns (d as f32 before rounding, d bits,
 /// quants, Σq). Quants are clamped to ±127 so that non-finite inputs cannot produce -128
-/// (the AVX2 kernels rely on |q| <= 127; finite inputs never reach the clamp).
+/// (the AVX2 kernels rely on |q| <= 127; finite inputs never reach the clamp). The AVX2
+/// version gives the same result for finite inputs (tested in `x86`); for NaN or infinite
+/// inputs the quants are unspecified but within ±127.
 fn quantize_block(x: &[f32]) -> (f32, u16, [i8; QK], i32) {
-    debug_assert_eq!(x.len(), QK);
-    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let x: &[f32; QK] = x.try_into().expect("32 values");
+    #[cfg(target_arch = "x86_64")]
+    let (amax, qs, sum) = if crate::Isa::Avx2.is_available() {
+        crate::x86::quantize_block(x)
+    } else {
+        quantize_block_scalar(x)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let (amax, qs, sum) = quantize_block_scalar(x);
     let d = amax / 127.0;
+    (d, f32_to_f16(d), qs, sum)
+}
+
+/// The scalar reference of the quantizer: (amax, quants, Σq).
+pub(crate) fn quantize_block_scalar(x: &[f32; QK]) -> (f32, [i8; QK], i32) {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     let mut qs = [0i8; QK];
     let mut sum = 0i32;
     for (q, v) in qs.iter_mut().zip(x) {
-        let r = ((v * id).round_ties_even() as i32).clamp(-127, 127);
+        let r = (round_ties_even_small(v * id) as i32).clamp(-127, 127);
         *q = r as i8;
         sum += r;
     }
-    (d, f32_to_f16(d), qs, sum)
+    (amax, qs, sum)
+}
+
+/// `v.round_ties_even()` for |v| < 2^22 (NaN stays NaN), without the libm call that the
+/// baseline x86-64 target (no SSE4.1 `roundps`) makes for it: adding and subtracting
+/// 1.5 * 2^23 leaves no fraction bits, so the default rounding mode (nearest, ties to even)
+/// does the rounding. Here |v| <= 127 * (1 + 2^-23) by construction.
+#[inline]
+fn round_ties_even_small(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    (v + MAGIC) - MAGIC
 }
 
 /// llama.cpp's `quantize_row_q8_0` (x86 semantics) for one row; `x.len()` must be
@@ -296,6 +321,15 @@ mod tests {
         assert_eq!(y[0].d, f32_to_f16(1.0));
         assert_eq!(&y[0].qs[..5], &[127, 2, -4, 0, -127]);
         assert_eq!(f16_to_f32(y[0].s), (127 + 2 - 4 - 127) as f32);
+    }
+
+    #[test]
+    fn fast_rounding_matches_round_ties_even() {
+        for i in -300_000..300_000 {
+            let v = i as f32 / 2048.0; // includes every .5 tie in range
+            assert_eq!(round_ties_even_small(v), v.round_ties_even(), "{v}");
+        }
+        assert!(round_ties_even_small(f32::NAN).is_nan());
     }
 
     #[test]

@@ -226,7 +226,10 @@ pub fn matmul_rows_with(
         match isa {
             Isa::Scalar => scalar::tile_row(&w.layout, tr, acts, 0, tile_out),
             #[cfg(target_arch = "x86_64")]
-            _ => x86::tile_row(isa, &w.layout, tr, acts, 0, tile_out),
+            _ => {
+                let next = w.tile_row((t + 1).min(w.tiles() - 1));
+                x86::tile_row(isa, &w.layout, tr, next, acts, 0, tile_out)
+            }
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("only the scalar path exists off x86-64"),
         }
