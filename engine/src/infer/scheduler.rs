@@ -388,8 +388,9 @@ impl Scheduler {
         });
     }
 
-    fn step(&mut self) {
-        // Decoding sequences first (one token each), then prompt chunks in the remaining budget.
+    /// Which sequences run this step and with how many tokens, in `active` order: decoding
+    /// sequences first (one token each), then prompt chunks in the remaining budget.
+    fn plan(&self) -> Vec<(usize, usize)> {
         let mut budget = self.cfg.max_batch_tokens.max(self.active.len());
         let mut plan: Vec<(usize, usize)> = Vec::new(); // (index into active, tokens this step)
         for (i, a) in self.active.iter().enumerate() {
@@ -407,6 +408,35 @@ impl Scheduler {
             }
         }
         plan.sort_unstable();
+        plan
+    }
+
+    /// A step failed: a stage down fails every sequence in flight (their caches are gone with
+    /// the connection); any other error fails the sequences of the step.
+    fn fail_step(&mut self, e: &anyhow::Error, plan: &[(usize, usize)]) {
+        if e.chain().any(|c| c.is::<StageDown>()) {
+            tracing::warn!(error = %format!("{e:#}"), in_flight = self.active.len(),
+                "pipeline stage down: failing every sequence in flight");
+            for a in self.active.drain(..) {
+                let _ = a.req.events.try_send(Event::Unavailable);
+            }
+            return;
+        }
+        tracing::error!(error = %format!("{e:#}"), "inference step failed");
+        for &(i, _) in plan {
+            let _ = self.active[i].req.events.try_send(Event::Failed);
+            self.runner.free(self.active[i].seq);
+        }
+        let failed: Vec<usize> = plan.iter().map(|p| p.0).collect();
+        let mut idx = 0;
+        self.active.retain(|_| {
+            idx += 1;
+            !failed.contains(&(idx - 1))
+        });
+    }
+
+    fn step(&mut self) {
+        let plan = self.plan();
         self.metrics
             .peak_batch
             .fetch_max(plan.len() as u64, Ordering::Relaxed);
@@ -431,28 +461,8 @@ impl Scheduler {
         drop(items);
         let logits = match result {
             Ok(l) => l,
-            Err(e) if e.is::<StageDown>() || e.chain().any(|c| c.is::<StageDown>()) => {
-                // Every stage's caches are gone with the connection: nothing in flight can
-                // continue, planned this step or not.
-                tracing::warn!(error = %format!("{e:#}"), in_flight = self.active.len(),
-                    "pipeline stage down: failing every sequence in flight");
-                for a in self.active.drain(..) {
-                    let _ = a.req.events.try_send(Event::Unavailable);
-                }
-                return;
-            }
             Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "inference step failed");
-                for &(i, _) in &plan {
-                    let _ = self.active[i].req.events.try_send(Event::Failed);
-                    self.runner.free(self.active[i].seq);
-                }
-                let failed: Vec<usize> = plan.iter().map(|p| p.0).collect();
-                let mut idx = 0;
-                self.active.retain(|_| {
-                    idx += 1;
-                    !failed.contains(&(idx - 1))
-                });
+                self.fail_step(&e, &plan);
                 return;
             }
         };
@@ -499,32 +509,7 @@ impl Scheduler {
             return Some(FinishReason::Stop);
         }
         if let Some(n) = a.req.logprobs {
-            let lp = log_softmax(logits);
-            let mut order: Vec<u32> = (0..lp.len() as u32).collect();
-            let k = n.min(MAX_TOP_LOGPROBS);
-            if k > 0 {
-                order.select_nth_unstable_by(k - 1, |&x, &y| {
-                    lp[y as usize].total_cmp(&lp[x as usize])
-                });
-                order.truncate(k);
-                order.sort_by(|&x, &y| lp[y as usize].total_cmp(&lp[x as usize]));
-            } else {
-                order.clear();
-            }
-            a.pending_logprobs.push(TokenLogprob {
-                id,
-                token: tok.token_text(id),
-                bytes: tok.token_bytes(id),
-                logprob: lp[id as usize],
-                top: order
-                    .iter()
-                    .map(|&t| TopLogprob {
-                        token: tok.token_text(t),
-                        bytes: tok.token_bytes(t),
-                        logprob: lp[t as usize],
-                    })
-                    .collect(),
-            });
+            a.pending_logprobs.push(token_logprob(tok, logits, id, n));
         }
 
         let delta = a.detok.push(tok, id);
@@ -595,6 +580,40 @@ impl Scheduler {
             completion_tokens: a.generated,
         });
         self.metrics.completed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The chosen token's logprob and the `n` most likely alternatives (at most
+/// [`MAX_TOP_LOGPROBS`]), found without sorting the whole vocabulary.
+fn token_logprob(
+    tok: &crate::model::tokenizer::ModelTokenizer,
+    logits: &[f32],
+    id: u32,
+    n: usize,
+) -> TokenLogprob {
+    let lp = log_softmax(logits);
+    let mut order: Vec<u32> = (0..lp.len() as u32).collect();
+    let k = n.min(MAX_TOP_LOGPROBS);
+    if k > 0 {
+        order.select_nth_unstable_by(k - 1, |&x, &y| lp[y as usize].total_cmp(&lp[x as usize]));
+        order.truncate(k);
+        order.sort_by(|&x, &y| lp[y as usize].total_cmp(&lp[x as usize]));
+    } else {
+        order.clear();
+    }
+    TokenLogprob {
+        id,
+        token: tok.token_text(id),
+        bytes: tok.token_bytes(id),
+        logprob: lp[id as usize],
+        top: order
+            .iter()
+            .map(|&t| TopLogprob {
+                token: tok.token_text(t),
+                bytes: tok.token_bytes(t),
+                logprob: lp[t as usize],
+            })
+            .collect(),
     }
 }
 
