@@ -57,42 +57,7 @@ impl ModelTokenizer {
             .opt_str("tokenizer.ggml.pre")
             .unwrap_or("default")
             .to_owned();
-        let tokens: Vec<String> = gguf
-            .get_array("tokenizer.ggml.tokens")?
-            .iter()
-            .map(|v| v.to_string().cloned().map_err(|e| anyhow::anyhow!("{e}")))
-            .collect::<Result<_>>()
-            .context("tokenizer.ggml.tokens")?;
-        let merges: Vec<(String, String)> = gguf
-            .get_array("tokenizer.ggml.merges")?
-            .iter()
-            .map(|v| {
-                let s = v.to_string().map_err(|e| anyhow::anyhow!("{e}"))?;
-                let (a, b) = s
-                    .split_once(' ')
-                    .with_context(|| format!("bad merge {s:?}"))?;
-                Ok((a.to_owned(), b.to_owned()))
-            })
-            .collect::<Result<_>>()
-            .context("tokenizer.ggml.merges")?;
-        let types: Vec<i32> = match gguf.content.metadata.get("tokenizer.ggml.token_type") {
-            Some(v) => v
-                .to_vec()
-                .map_err(|e| anyhow::anyhow!("{e}"))?
-                .iter()
-                .map(|t| t.to_i32().map_err(|e| anyhow::anyhow!("{e}")))
-                .collect::<Result<_>>()
-                .context("tokenizer.ggml.token_type")?,
-            None => vec![1; tokens.len()],
-        };
-        if types.len() != tokens.len() {
-            bail!(
-                "tokenizer.ggml.token_type has {} entries for {} tokens",
-                types.len(),
-                tokens.len()
-            );
-        }
-
+        let (tokens, merges, types) = read_vocabulary(gguf)?;
         let vocab: ahash::AHashMap<String, u32> = tokens
             .iter()
             .enumerate()
@@ -104,27 +69,7 @@ impl ModelTokenizer {
             .map_err(|e| anyhow::anyhow!("building BPE model: {e}"))?;
         let mut inner = Tokenizer::new(bpe);
 
-        let pre: PreTokenizerWrapper = match pre_kind.as_str() {
-            // llama.cpp's `smollm`: digits split one by one, then GPT-2 byte-level splitting.
-            "smollm" => Sequence::new(vec![
-                Digits::new(true).into(),
-                ByteLevel::new(false, true, true).into(),
-            ])
-            .into(),
-            "gpt2" | "default" => ByteLevel::new(false, true, true).into(),
-            "llama-bpe" | "llama3" => Sequence::new(vec![
-                Split::new(
-                    SplitPattern::Regex(LLAMA3_PRETOKENIZER_REGEX.into()),
-                    SplitDelimiterBehavior::Isolated,
-                    false,
-                )
-                .map_err(|e| anyhow::anyhow!("pre-tokenizer regex: {e}"))?
-                .into(),
-                ByteLevel::new(false, true, false).into(),
-            ])
-            .into(),
-            other => bail!("tokenizer.ggml.pre {other:?} is not supported"),
-        };
+        let pre = pre_tokenizer(&pre_kind)?;
         inner.with_pre_tokenizer(Some(pre));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
 
@@ -146,24 +91,7 @@ impl ModelTokenizer {
 
         let eos_id = gguf.get_u32("tokenizer.ggml.eos_token_id")?;
         let bos_id = gguf.opt_u32("tokenizer.ggml.bos_token_id");
-        let mut stop_ids = vec![eos_id];
-        if let Some(eot) = gguf.opt_u32("tokenizer.ggml.eot_token_id") {
-            stop_ids.push(eot);
-        }
-        // End-of-turn markers of the common chat formats, when the vocabulary has them.
-        for marker in [
-            "<|im_end|>",
-            "<|eot_id|>",
-            "<|end_of_text|>",
-            "<|endoftext|>",
-        ] {
-            if let Some(id) = inner.token_to_id(marker) {
-                stop_ids.push(id);
-            }
-        }
-        stop_ids.sort_unstable();
-        stop_ids.dedup();
-
+        let stop_ids = stop_ids(gguf, &inner, eos_id);
         let mut plain = inner.clone();
         plain.set_encode_special_tokens(true);
         let max_token_bytes = tokens.iter().map(String::len).max().unwrap_or(1).max(1);
@@ -331,6 +259,97 @@ impl ModelTokenizer {
                 .any(|k| k + s.len() > at && bytes[k..].starts_with(s))
         })
     }
+}
+
+/// The vocabulary, merges and token types of a GGUF tokenizer, with their lengths checked.
+type Vocabulary = (Vec<String>, Vec<(String, String)>, Vec<i32>);
+
+fn read_vocabulary(gguf: &GgufFile) -> Result<Vocabulary> {
+    let tokens: Vec<String> = gguf
+        .get_array("tokenizer.ggml.tokens")?
+        .iter()
+        .map(|v| v.to_string().cloned().map_err(|e| anyhow::anyhow!("{e}")))
+        .collect::<Result<_>>()
+        .context("tokenizer.ggml.tokens")?;
+    let merges: Vec<(String, String)> = gguf
+        .get_array("tokenizer.ggml.merges")?
+        .iter()
+        .map(|v| {
+            let s = v.to_string().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (a, b) = s
+                .split_once(' ')
+                .with_context(|| format!("bad merge {s:?}"))?;
+            Ok((a.to_owned(), b.to_owned()))
+        })
+        .collect::<Result<_>>()
+        .context("tokenizer.ggml.merges")?;
+    let types: Vec<i32> = match gguf.content.metadata.get("tokenizer.ggml.token_type") {
+        Some(v) => v
+            .to_vec()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .iter()
+            .map(|t| t.to_i32().map_err(|e| anyhow::anyhow!("{e}")))
+            .collect::<Result<_>>()
+            .context("tokenizer.ggml.token_type")?,
+        None => vec![1; tokens.len()],
+    };
+    if types.len() != tokens.len() {
+        bail!(
+            "tokenizer.ggml.token_type has {} entries for {} tokens",
+            types.len(),
+            tokens.len()
+        );
+    }
+
+    Ok((tokens, merges, types))
+}
+
+/// The pre-tokenizer llama.cpp uses for `tokenizer.ggml.pre`.
+fn pre_tokenizer(pre_kind: &str) -> Result<PreTokenizerWrapper> {
+    Ok(match pre_kind {
+        // llama.cpp's `smollm`: digits split one by one, then GPT-2 byte-level splitting.
+        "smollm" => Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ])
+        .into(),
+        "gpt2" | "default" => ByteLevel::new(false, true, true).into(),
+        "llama-bpe" | "llama3" => Sequence::new(vec![
+            Split::new(
+                SplitPattern::Regex(LLAMA3_PRETOKENIZER_REGEX.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| anyhow::anyhow!("pre-tokenizer regex: {e}"))?
+            .into(),
+            ByteLevel::new(false, true, false).into(),
+        ])
+        .into(),
+        other => bail!("tokenizer.ggml.pre {other:?} is not supported"),
+    })
+}
+
+/// Every id that ends a generation: EOS, EOT, and the end-of-turn markers of the common chat
+/// formats when the vocabulary has them.
+fn stop_ids(gguf: &GgufFile, inner: &Tokenizer, eos_id: u32) -> Vec<u32> {
+    let mut stop_ids = vec![eos_id];
+    if let Some(eot) = gguf.opt_u32("tokenizer.ggml.eot_token_id") {
+        stop_ids.push(eot);
+    }
+    // End-of-turn markers of the common chat formats, when the vocabulary has them.
+    for marker in [
+        "<|im_end|>",
+        "<|eot_id|>",
+        "<|end_of_text|>",
+        "<|endoftext|>",
+    ] {
+        if let Some(id) = inner.token_to_id(marker) {
+            stop_ids.push(id);
+        }
+    }
+    stop_ids.sort_unstable();
+    stop_ids.dedup();
+    stop_ids
 }
 
 /// GPT-2's byte-level alphabet, inverted: printable bytes stand for themselves, the others were
