@@ -27,29 +27,66 @@ struct Args<'a> {
     j0: usize,
 }
 
+/// One activation row's blocks; every slice is exactly `nb` long (checked in `Args::row`),
+/// which lets the compiler drop the bounds checks in the kernels' block loops.
+struct ActRow<'a> {
+    q: &'a [[i8; QK]],
+    d: &'a [f32],
+    s: &'a [f32],
+    isum: &'a [i32],
+}
+
+impl ActRow<'_> {
+    /// The 32 quants, scale, `s` and Σq of block `b`.
+    #[inline(always)]
+    fn at(&self, b: usize) -> (&[i8; QK], f32, f32, i32) {
+        (&self.q[b], self.d[b], self.s[b], self.isum[b])
+    }
+}
+
+/// The tile row's quants, d and m (d again for formats without m), one entry per block.
+struct TileView<'a, const QB: usize> {
+    q: &'a [[u8; QB]],
+    d: &'a [[u8; 32]],
+    m: &'a [[u8; 32]],
+}
+
+/// The common block count of a tile view and activation rows, asserted where the kernels'
+/// loops can see it so the per-block indexing needs no further checks.
+#[inline(always)]
+fn same_len<const QB: usize, const N: usize>(t: &TileView<QB>, rows: &[ActRow; N]) -> usize {
+    let nb = t.q.len();
+    assert!(t.d.len() == nb && t.m.len() == nb);
+    for r in rows {
+        assert!(r.q.len() == nb && r.d.len() == nb && r.s.len() == nb && r.isum.len() == nb);
+    }
+    nb
+}
+
 impl Args<'_> {
-    /// The 32 quants, scale, `s` and Σq of block `b` of activation row `j`.
-    #[inline(always)]
-    fn act(&self, j: usize, b: usize) -> (&[i8; QK], f32, f32, i32) {
-        let i = j * self.l.nb + b;
-        let q = self.acts.qs[i * QK..(i + 1) * QK]
-            .try_into()
-            .expect("32 quants");
-        (q, self.acts.d[i], self.acts.s[i], self.acts.isum[i])
+    fn row(&self, j: usize) -> ActRow<'_> {
+        let nb = self.l.nb;
+        let (q, _) = self.acts.qs[j * nb * QK..(j + 1) * nb * QK].as_chunks::<QK>();
+        let r = ActRow {
+            q,
+            d: &self.acts.d[j * nb..(j + 1) * nb],
+            s: &self.acts.s[j * nb..(j + 1) * nb],
+            isum: &self.acts.isum[j * nb..(j + 1) * nb],
+        };
+        assert!(r.q.len() == nb && r.d.len() == nb && r.s.len() == nb && r.isum.len() == nb);
+        r
     }
-    /// Quant bytes of block `b` of this tile row.
-    #[inline(always)]
-    fn quants<const QB: usize>(&self, b: usize) -> &[u8; QB] {
-        self.tr[b * QB..(b + 1) * QB]
-            .try_into()
-            .expect("tile quants")
-    }
-    /// The 32 bytes of f16 values (16 rows) at `off + 32 * b`.
-    #[inline(always)]
-    fn halves(&self, off: usize, b: usize) -> &[u8; 32] {
-        self.tr[off + 32 * b..off + 32 * (b + 1)]
-            .try_into()
-            .expect("tile scales")
+
+    fn tile<const QB: usize>(&self) -> TileView<'_, QB> {
+        let (l, nb) = (self.l, self.l.nb);
+        let m_off = if l.format.has_min() { l.m_off } else { l.d_off };
+        let t = TileView {
+            q: self.tr[..nb * QB].as_chunks::<QB>().0,
+            d: self.tr[l.d_off..l.d_off + nb * 32].as_chunks::<32>().0,
+            m: self.tr[m_off..m_off + nb * 32].as_chunks::<32>().0,
+        };
+        assert!(t.q.len() == nb && t.d.len() == nb && t.m.len() == nb);
+        t
     }
 }
 
@@ -73,12 +110,10 @@ fn prefetch_block<const QB: usize>(a: &Args, b: usize) {
     if a.j0 != 0 {
         return;
     }
-    let fetch = |o: usize| {
-        if o < a.next.len() {
-            // A hint only: it never faults and reads nothing into the program.
-            _mm_prefetch::<_MM_HINT_T0>(a.next[o..].as_ptr().cast::<i8>());
-        }
-    };
+    // A hint only: it never faults, so the address needs no bounds check (it lies inside
+    // `next`, which has this tile row's layout).
+    let fetch =
+        |o: usize| _mm_prefetch::<_MM_HINT_T0>(a.next.as_ptr().wrapping_add(o).cast::<i8>());
     for g in 0..QB / 64 {
         fetch(b * QB + 64 * g);
     }
@@ -132,13 +167,15 @@ fn store256(out: &mut [f32], v: __m256) {
 /// 512-bit VNNI: one `vpdpbusd` per 4 columns covers all 16 rows of the tile.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 fn vnni512<const F: u8, const QB: usize, const N: usize>(a: &Args, out: &mut [[f32; TILE_ROWS]]) {
-    let l = a.l;
     let mask = _mm512_set1_epi8(0x0f);
     let mut acc = [_mm512_setzero_ps(); N];
     let mut accm = [_mm512_setzero_ps(); N];
-    for b in 0..l.nb {
+    let t = a.tile::<QB>();
+    let rows: [ActRow; N] = std::array::from_fn(|n| a.row(a.j0 + n));
+    let nb = same_len(&t, &rows);
+    for b in 0..nb {
         prefetch_block::<QB>(a, b);
-        let q = a.quants::<QB>(b);
+        let q = &t.q[b];
         let mut w = [_mm512_setzero_si512(); 8];
         if F == Q80 {
             for (g, w) in w.iter_mut().enumerate() {
@@ -151,14 +188,14 @@ fn vnni512<const F: u8, const QB: usize, const N: usize>(a: &Args, out: &mut [[f
                 w[g + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
             }
         }
-        let dx = _mm512_cvtph_ps(load256(a.halves(l.d_off, b)));
+        let dx = _mm512_cvtph_ps(load256(&t.d[b]));
         let mx = if F == Q41 {
-            _mm512_cvtph_ps(load256(a.halves(l.m_off, b)))
+            _mm512_cvtph_ps(load256(&t.m[b]))
         } else {
             _mm512_setzero_ps()
         };
         for n in 0..N {
-            let (aq, dy, sy, isum) = a.act(a.j0 + n, b);
+            let (aq, dy, sy, isum) = rows[n].at(b);
             let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
             for g in (0..8).step_by(2) {
                 s0 = _mm512_dpbusd_epi32(s0, w[g], _mm512_set1_epi32(quad(aq, g)));
@@ -192,13 +229,16 @@ fn vnni512<const F: u8, const QB: usize, const N: usize>(a: &Args, out: &mut [[f
 fn vnni256<const F: u8, const QB: usize, const N: usize>(a: &Args, out: &mut [[f32; TILE_ROWS]]) {
     let mut acc = [[_mm256_setzero_ps(); 2]; N];
     let mut accm = [[_mm256_setzero_ps(); 2]; N];
-    for b in 0..a.l.nb {
+    let t = a.tile::<QB>();
+    let rows: [ActRow; N] = std::array::from_fn(|n| a.row(a.j0 + n));
+    let nb = same_len(&t, &rows);
+    for b in 0..nb {
         prefetch_block::<QB>(a, b);
         for h in 0..2 {
-            let w = weights256::<F, QB>(a, b, h);
-            let (dx, mx) = scales256::<F>(a, b, h);
+            let w = weights256::<F, QB>(&t.q[b], h);
+            let (dx, mx) = scales256::<F>(&t.d[b], &t.m[b], h);
             for n in 0..N {
-                let (aq, dy, sy, isum) = a.act(a.j0 + n, b);
+                let (aq, dy, sy, isum) = rows[n].at(b);
                 let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
                 for g in (0..8).step_by(2) {
                     s0 = _mm256_dpbusd_epi32(s0, w[g], _mm256_set1_epi32(quad(aq, g)));
@@ -227,11 +267,14 @@ fn avx2<const F: u8, const QB: usize, const N: usize>(a: &Args, out: &mut [[f32;
     let ones = _mm256_set1_epi16(1);
     let mut acc = [[_mm256_setzero_ps(); 2]; N];
     let mut accm = [[_mm256_setzero_ps(); 2]; N];
-    for b in 0..a.l.nb {
+    let t = a.tile::<QB>();
+    let rows: [ActRow; N] = std::array::from_fn(|n| a.row(a.j0 + n));
+    let nb = same_len(&t, &rows);
+    for b in 0..nb {
         prefetch_block::<QB>(a, b);
         for h in 0..2 {
             // Q4: unsigned nibbles. Q8: `w` signed weights, `aw` their magnitudes.
-            let mut w = weights256::<F, QB>(a, b, h);
+            let mut w = weights256::<F, QB>(&t.q[b], h);
             let mut aw = [_mm256_setzero_si256(); 8];
             if F == Q80 {
                 for (w, aw) in w.iter_mut().zip(aw.iter_mut()) {
@@ -239,9 +282,9 @@ fn avx2<const F: u8, const QB: usize, const N: usize>(a: &Args, out: &mut [[f32;
                     *aw = _mm256_abs_epi8(*w);
                 }
             }
-            let (dx, mx) = scales256::<F>(a, b, h);
+            let (dx, mx) = scales256::<F>(&t.d[b], &t.m[b], h);
             for n in 0..N {
-                let (aq, dy, sy, isum) = a.act(a.j0 + n, b);
+                let (aq, dy, sy, isum) = rows[n].at(b);
                 let mut si;
                 if F == Q80 {
                     si = _mm256_setzero_si256();
@@ -271,10 +314,10 @@ fn avx2<const F: u8, const QB: usize, const N: usize>(a: &Args, out: &mut [[f32;
 /// The 16 rows' d (and m for Q4_1) of block `b`, half `h` (rows 8h .. 8h + 8), as f32.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-fn scales256<const F: u8>(a: &Args, b: usize, h: usize) -> (__m256, __m256) {
-    let dx = _mm256_cvtph_ps(load128(&a.halves(a.l.d_off, b)[16 * h..]));
+fn scales256<const F: u8>(d: &[u8; 32], m: &[u8; 32], h: usize) -> (__m256, __m256) {
+    let dx = _mm256_cvtph_ps(load128(&d[16 * h..]));
     let mx = if F == Q41 {
-        _mm256_cvtph_ps(load128(&a.halves(a.l.m_off, b)[16 * h..]))
+        _mm256_cvtph_ps(load128(&m[16 * h..]))
     } else {
         _mm256_setzero_ps()
     };
@@ -284,8 +327,7 @@ fn scales256<const F: u8>(a: &Args, b: usize, h: usize) -> (__m256, __m256) {
 /// Unsigned weights of block `b`, half `h`: nibbles split into columns, or Q8_0's raw bytes.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn weights256<const F: u8, const QB: usize>(a: &Args, b: usize, h: usize) -> [__m256i; 8] {
-    let q = a.quants::<QB>(b);
+fn weights256<const F: u8, const QB: usize>(q: &[u8; QB], h: usize) -> [__m256i; 8] {
     let mut w = [_mm256_setzero_si256(); 8];
     if F == Q80 {
         for (g, w) in w.iter_mut().enumerate() {
