@@ -126,14 +126,6 @@ fn message_text(content: Option<Value>, i: usize) -> Result<String, ApiError> {
     }
 }
 
-fn refuse(present: bool, message: &str, param: &'static str) -> Result<(), ApiError> {
-    if present {
-        Err(ApiError::invalid(message, param))
-    } else {
-        Ok(())
-    }
-}
-
 pub fn prepare(state: &AppState, r: ChatRequest) -> Result<(Prepared, bool, bool), ApiError> {
     openai::check_model(state, &r.model)?;
     refuse_unsupported(&r)?;
@@ -181,21 +173,17 @@ pub fn prepare(state: &AppState, r: ChatRequest) -> Result<(Prepared, bool, bool
 
 /// Features this server does not have, refused by name rather than ignored.
 fn refuse_unsupported(r: &ChatRequest) -> Result<(), ApiError> {
-    refuse(
+    openai::refuse(
         r.chat_template.is_some() || r.chat_template_kwargs.is_some(),
         "Request-supplied chat templates are refused; the model's own template is used.",
         "chat_template",
     )?;
-    refuse(
+    openai::refuse(
         r.tools.is_some() || r.tool_choice.is_some(),
         "Tools are not supported.",
         "tools",
     )?;
-    refuse(
-        r.logit_bias.as_ref().is_some_and(|m| !m.is_empty()),
-        "logit_bias is not supported.",
-        "logit_bias",
-    )?;
+    openai::refuse_logit_bias(r.logit_bias.as_ref())?;
     if let Some(rf) = &r.response_format
         && rf.get("type").and_then(Value::as_str) != Some("text")
     {

@@ -76,6 +76,22 @@ fn prompt_ids(state: &AppState, prompt: Value) -> Result<Vec<u32>, ApiError> {
     })
 }
 
+/// Features this server does not have, refused by name rather than ignored.
+fn refuse_unsupported(r: &CompletionRequest) -> Result<(), ApiError> {
+    openai::refuse(r.echo == Some(true), "echo is not supported.", "echo")?;
+    openai::refuse(
+        r.suffix.as_ref().is_some_and(|s| !s.is_empty()),
+        "suffix is not supported.",
+        "suffix",
+    )?;
+    openai::refuse(
+        r.best_of.is_some_and(|b| b != 1),
+        "Only best_of = 1 is supported.",
+        "best_of",
+    )?;
+    openai::refuse_logit_bias(r.logit_bias.as_ref())
+}
+
 pub async fn handle(
     state: &Arc<AppState>,
     body: Value,
@@ -88,24 +104,7 @@ pub async fn handle(
             code: "invalid_request",
         })?;
     openai::check_model(state, &r.model)?;
-    if r.echo == Some(true) {
-        return Err(ApiError::invalid("echo is not supported.", "echo"));
-    }
-    if r.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::invalid("suffix is not supported.", "suffix"));
-    }
-    if r.best_of.is_some_and(|b| b != 1) {
-        return Err(ApiError::invalid(
-            "Only best_of = 1 is supported.",
-            "best_of",
-        ));
-    }
-    if r.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
-        return Err(ApiError::invalid(
-            "logit_bias is not supported.",
-            "logit_bias",
-        ));
-    }
+    refuse_unsupported(&r)?;
     let sampling = openai::sampling(&SamplingFields {
         temperature: r.temperature,
         top_p: r.top_p,

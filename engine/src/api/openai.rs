@@ -134,6 +134,26 @@ pub fn stream_flags(
     ))
 }
 
+/// Refuse a request that asks for a feature this server does not have, naming its parameter.
+pub fn refuse(present: bool, message: &str, param: &'static str) -> Result<(), ApiError> {
+    if present {
+        Err(ApiError::invalid(message, param))
+    } else {
+        Ok(())
+    }
+}
+
+/// `logit_bias` is accepted only empty, on both endpoints.
+pub fn refuse_logit_bias(
+    bias: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> Result<(), ApiError> {
+    refuse(
+        bias.is_some_and(|m| !m.is_empty()),
+        "logit_bias is not supported.",
+        "logit_bias",
+    )
+}
+
 pub fn check_model(state: &AppState, model: &str) -> Result<(), ApiError> {
     if model != state.model.name {
         return Err(ApiError::ModelNotFound {
