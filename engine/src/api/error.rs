@@ -4,8 +4,10 @@
 use hyper::StatusCode;
 use serde_json::json;
 
-/// Retry-After while a pipeline stage is down: the head reconnects within a few seconds.
-const STAGE_RETRY_AFTER_SECS: u64 = 2;
+/// Retry-After of every 503 (a full server, a full queue, a pipeline stage down): long enough
+/// for a slot to free or a stage to reconnect (within a second with the link's backoff), short
+/// enough that clients do not wait on an idle server.
+pub const RETRY_AFTER_SECS: u64 = 1;
 
 #[derive(Debug)]
 pub enum ApiError {
@@ -38,7 +40,6 @@ pub enum ApiError {
     },
     Overloaded {
         what: &'static str,
-        retry_after_secs: u64,
     },
     ModelNotFound {
         model: String,
@@ -95,11 +96,8 @@ impl ApiError {
 
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            Self::RateLimited { retry_after_secs }
-            | Self::Overloaded {
-                retry_after_secs, ..
-            } => Some(*retry_after_secs),
-            Self::StageUnavailable => Some(STAGE_RETRY_AFTER_SECS),
+            Self::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            Self::Overloaded { .. } | Self::StageUnavailable => Some(RETRY_AFTER_SECS),
             _ => None,
         }
     }
@@ -164,11 +162,8 @@ impl ApiError {
                 None,
                 Some("rate_limit_exceeded"),
             ),
-            Self::Overloaded {
-                what,
-                retry_after_secs,
-            } => (
-                format!("Server is at {what}; retry in {retry_after_secs} s."),
+            Self::Overloaded { what } => (
+                format!("Server is at {what}; retry in {RETRY_AFTER_SECS} s."),
                 "server_error",
                 None,
                 Some("overloaded"),
@@ -184,7 +179,7 @@ impl ApiError {
             Self::StageUnavailable => (
                 format!(
                     "The model is temporarily unavailable (a pipeline stage is down); retry in \
-                     {STAGE_RETRY_AFTER_SECS} s."
+                     {RETRY_AFTER_SECS} s."
                 ),
                 "server_error",
                 None,

@@ -38,8 +38,6 @@ use limits::RateLimiter;
 
 /// Longest `Authorization` value considered; a key is 47 characters.
 const MAX_AUTHORIZATION_LEN: usize = 256;
-/// Seconds suggested in Retry-After when the server is saturated.
-const OVERLOAD_RETRY_AFTER_SECS: u64 = 1;
 
 pub struct AppState {
     pub keys: KeyStore,
@@ -340,7 +338,6 @@ where
                 .try_acquire_owned()
                 .map_err(|_| ApiError::Overloaded {
                     what: "limits.max_in_flight",
-                    retry_after_secs: OVERLOAD_RETRY_AFTER_SECS,
                 })?,
         );
     match (name, body) {

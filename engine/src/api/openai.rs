@@ -285,7 +285,6 @@ pub fn submit(
         .map_err(|e| match e {
             scheduler::SubmitError::QueueFull => ApiError::Overloaded {
                 what: "limits.queue_depth",
-                retry_after_secs: 1,
             },
             scheduler::SubmitError::Unavailable => ApiError::StageUnavailable,
         })?;

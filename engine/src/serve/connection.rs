@@ -139,10 +139,7 @@ pub async fn serve_overlimit(tcp: TcpStream, acceptor: Option<TlsAcceptor>, what
     };
     let svc = service_fn(
         move |_req: hyper::Request<hyper::body::Incoming>| async move {
-            let e = ApiError::Overloaded {
-                what,
-                retry_after_secs: 1,
-            };
+            let e = ApiError::Overloaded { what };
             let mut r = api::error_response(&e);
             r.headers_mut().insert(
                 hyper::header::CONNECTION,
