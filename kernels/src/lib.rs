@@ -160,8 +160,9 @@ impl Isa {
     }
 
     /// The implementation [`matmul_rows`] uses: the fastest available one. 512-bit VNNI is
-    /// preferred over 256-bit: on this machine (Zen 4) the kernel benchmark measured it
-    /// equal at one activation row and faster for batches (bench/RESULTS.md, "Kernels").
+    /// preferred over 256-bit: on this machine (Zen 4) the kernel benchmark measured it 1.3-2.4x
+    /// faster from 4 activation rows up, and within the noise at one row
+    /// (bench/RESULTS.md, "Kernels").
     pub fn detect() -> Isa {
         static BEST: OnceLock<Isa> = OnceLock::new();
         *BEST.get_or_init(|| {
