@@ -292,6 +292,8 @@ fn accept_loop(
     }
 }
 
+type Session = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
+
 /// One session with the head: TLS, identity, Hello, then steps until the connection ends.
 fn session(
     tcp: TcpStream,
@@ -301,6 +303,19 @@ fn session(
     jobs: &mpsc::SyncSender<Job>,
     hello: &Hello,
 ) -> Result<()> {
+    let mut stream = handshake(tcp, from, tls, head_name, hello)?;
+    serve_frames(&mut stream, jobs, hello)
+}
+
+/// TLS 1.3 with a cluster client certificate, the head's name on it, then the Hello exchange
+/// (any mismatch refused by name).
+fn handshake(
+    tcp: TcpStream,
+    from: SocketAddr,
+    tls: &Arc<rustls::ServerConfig>,
+    head_name: &str,
+    hello: &Hello,
+) -> Result<Session> {
     tcp.set_nodelay(true)?;
     tcp.set_read_timeout(Some(super::HANDSHAKE_TIMEOUT))?;
     tcp.set_write_timeout(Some(super::STEP_DEADLINE))?;
@@ -334,12 +349,17 @@ fn session(
     }
     frame::write_frame(&mut stream, Kind::HelloOk, &hello.encode())?;
     tracing::info!(%from, "cluster session established with {head_name}");
+    Ok(stream)
+}
+
+/// Steps, frees and heartbeats until the connection ends or stays silent too long.
+fn serve_frames(stream: &mut Session, jobs: &mpsc::SyncSender<Job>, hello: &Hello) -> Result<()> {
     stream
         .sock
         .set_read_timeout(Some(super::SESSION_IDLE_TIMEOUT))?;
     let max = hello.max_frame();
     loop {
-        let f = frame::read_frame(&mut stream, max)?;
+        let f = frame::read_frame(stream, max)?;
         match f.kind {
             Kind::Step => {
                 let step = Step::decode(&f.payload, hello)?;
@@ -353,12 +373,12 @@ fn session(
                         } else {
                             Kind::Hidden
                         };
-                        frame::write_frame(&mut stream, kind, &out.encode())?;
+                        frame::write_frame(stream, kind, &out.encode())?;
                     }
                     Err(e) => {
                         tracing::warn!(error = %format!("{e:#}"), "step failed");
                         frame::write_frame(
-                            &mut stream,
+                            stream,
                             Kind::StepFailed,
                             &frame::encode_reason(&format!("{e:#}")),
                         )?;
@@ -370,10 +390,10 @@ fn session(
                 jobs.send(Job::Free(seqs))
                     .context("the stage thread ended")?;
             }
-            Kind::Ping => frame::write_frame(&mut stream, Kind::Pong, &[])?,
+            Kind::Ping => frame::write_frame(stream, Kind::Pong, &[])?,
             other => {
                 let why = format!("unexpected frame kind {other:?} from the head");
-                let _ = frame::write_frame(&mut stream, Kind::Refuse, &frame::encode_reason(&why));
+                let _ = frame::write_frame(stream, Kind::Refuse, &frame::encode_reason(&why));
                 bail!(why);
             }
         }
