@@ -273,7 +273,8 @@ pub fn matmul(
 }
 
 /// Splits a row-major output (`act_rows` rows of `n_out`) into, per range, one slice per
-/// activation row: the `out` argument of [`matmul_rows`] for each thread.
+/// activation row: the `out` argument of [`matmul_rows`] for each thread. The ranges must be
+/// ascending and disjoint (as [`split_rows`] returns them); otherwise this panics.
 pub fn split_output<'a>(
     out: &'a mut [f32],
     n_out: usize,
