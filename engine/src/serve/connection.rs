@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::api::{self, AppState, body::ApiBody, error::ApiError};
@@ -35,7 +35,7 @@ const HEADER_BYTES_SLACK: usize = 8 << 10;
 /// HTTP/2 streams per connection; the in-flight limit applies across connections anyway.
 const H2_MAX_CONCURRENT_STREAMS: u32 = 32;
 /// How long an over-limit connection is kept to deliver its 503.
-pub const OVERLIMIT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+const OVERLIMIT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a closing connection may take to finish what it is writing.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -128,8 +128,91 @@ pub async fn serve_connection(
     }
 }
 
+/// Which accepted connections are served: at most `limits.max_connections` at once, and at most
+/// `limits.max_connections_per_source` from one address. Others get one 503 naming the limit
+/// (from a second pool of the same size), or are dropped.
+pub struct Admission {
+    conns: Arc<Semaphore>,
+    overlimit: Arc<Semaphore>,
+    per_source: Arc<PerSource>,
+    max_connections: usize,
+    max_per_source: usize,
+    acceptor: Option<TlsAcceptor>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// An admitted connection and the slots it holds until it is dropped.
+pub struct Admitted {
+    tcp: TcpStream,
+    slots: Slots,
+}
+
+/// The slots an admitted connection holds: released when dropped.
+pub type Slots = (OwnedSemaphorePermit, SourceGuard);
+
+impl Admitted {
+    pub fn into_parts(self) -> (TcpStream, Slots) {
+        (self.tcp, self.slots)
+    }
+}
+
+impl Admission {
+    pub fn new(
+        limits: &Limits,
+        acceptor: Option<TlsAcceptor>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        Self {
+            conns: Arc::new(Semaphore::new(limits.max_connections)),
+            overlimit: Arc::new(Semaphore::new(limits.max_connections)),
+            per_source: Arc::new(PerSource::default()),
+            max_connections: limits.max_connections,
+            max_per_source: limits.max_connections_per_source,
+            acceptor,
+            metrics,
+        }
+    }
+
+    pub fn admit(&self, tcp: TcpStream, peer: SocketAddr) -> Option<Admitted> {
+        let Some(source) = self.per_source.try_open(peer.ip(), self.max_per_source) else {
+            self.metrics
+                .count_response(503, "limits.max_connections_per_source");
+            self.refuse(tcp, "limits.max_connections_per_source");
+            return None;
+        };
+        let Ok(permit) = self.conns.clone().try_acquire_owned() else {
+            self.refuse(tcp, "limits.max_connections");
+            return None;
+        };
+        Some(Admitted {
+            tcp,
+            slots: (permit, source),
+        })
+    }
+
+    /// Over a limit: one 503 naming it, bounded in number and time, or a plain drop.
+    fn refuse(&self, tcp: TcpStream, what: &'static str) {
+        if let Ok(p) = self.overlimit.clone().try_acquire_owned() {
+            let acceptor = self.acceptor.clone();
+            tokio::spawn(async move {
+                let _p = p;
+                let _ = tokio::time::timeout(
+                    OVERLIMIT_CONNECTION_TIMEOUT,
+                    serve_overlimit(tcp, acceptor, what),
+                )
+                .await;
+            });
+        }
+    }
+
+    /// Resolves once every admitted connection has closed (for shutdown).
+    pub async fn all_closed(&self) {
+        let _ = self.conns.acquire_many(self.max_connections as u32).await;
+    }
+}
+
 /// One 503 naming `limits.max_connections` (or the per-source cap), then close.
-pub async fn serve_overlimit(tcp: TcpStream, acceptor: Option<TlsAcceptor>, what: &'static str) {
+async fn serve_overlimit(tcp: TcpStream, acceptor: Option<TlsAcceptor>, what: &'static str) {
     let io: Box<dyn Io> = match acceptor {
         Some(a) => match a.accept(tcp).await {
             Ok(s) => Box::new(s),

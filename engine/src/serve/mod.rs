@@ -26,7 +26,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
-use connection::{OVERLIMIT_CONNECTION_TIMEOUT, PerSource, serve_connection, serve_overlimit};
+use connection::{Admission, serve_connection};
 
 use crate::api::{self, AppState, error::ApiError, limits::RateLimiter};
 use crate::cluster::config::Role;
@@ -368,9 +368,7 @@ async fn serve(
         tokio::spawn(serve_metrics(l, state.metrics.clone(), shutdown_rx.clone()));
     }
     let acceptor = tls.map(TlsAcceptor::from);
-    let conns = Arc::new(Semaphore::new(cfg.limits.max_connections));
-    let overlimit = Arc::new(Semaphore::new(cfg.limits.max_connections));
-    let per_source = Arc::new(PerSource::default());
+    let admission = Admission::new(&cfg.limits, acceptor.clone(), state.metrics.clone());
     tracing::info!(
         listen = %server.listen,
         tls = acceptor.is_some(),
@@ -394,34 +392,8 @@ async fn serve(
             _ = sigint.recv() => break,
         };
         let _ = tcp.set_nodelay(true);
-        let over = |what: &'static str, tcp| {
-            // Over a limit: answer one 503 naming it (bounded by a second pool), or drop.
-            if let Ok(p) = overlimit.clone().try_acquire_owned() {
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    let _p = p;
-                    let _ = tokio::time::timeout(
-                        OVERLIMIT_CONNECTION_TIMEOUT,
-                        serve_overlimit(tcp, acceptor, what),
-                    )
-                    .await;
-                });
-            }
-        };
-        let Some(source) = per_source.try_open(peer.ip(), cfg.limits.max_connections_per_source)
-        else {
-            state
-                .metrics
-                .count_response(503, "limits.max_connections_per_source");
-            over("limits.max_connections_per_source", tcp);
+        let Some(admitted) = admission.admit(tcp, peer) else {
             continue;
-        };
-        let permit = match conns.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                over("limits.max_connections", tcp);
-                continue;
-            }
         };
         let state = state.clone();
         let acceptor = acceptor.clone();
@@ -429,8 +401,7 @@ async fn serve(
         let shutdown = shutdown_rx.clone();
         let grace = Duration::from_secs(server.shutdown_grace_secs);
         tokio::spawn(async move {
-            let _permit = permit;
-            let _source = source;
+            let (tcp, _slots) = admitted.into_parts();
             state.metrics.connections.fetch_add(1, Ordering::Relaxed);
             serve_connection(tcp, peer, acceptor, state.clone(), &limits, shutdown, grace).await;
             state.metrics.connections.fetch_sub(1, Ordering::Relaxed);
@@ -439,8 +410,7 @@ async fn serve(
     tracing::info!("shutting down: no new connections; finishing requests in flight");
     let _ = shutdown_tx.send(true);
     let grace = Duration::from_secs(server.shutdown_grace_secs) + Duration::from_secs(1);
-    let all = cfg.limits.max_connections as u32;
-    let _ = tokio::time::timeout(grace, conns.acquire_many(all)).await;
+    let _ = tokio::time::timeout(grace, admission.all_closed()).await;
     tracing::info!("stopped");
     Ok(())
 }
