@@ -44,75 +44,79 @@ impl Metrics {
         *r.entry((status, reason)).or_default() += 1;
     }
 
+    /// The single-valued metrics, as a table: name, help, type, value.
+    fn scalars(&self) -> [(&'static str, &'static str, &'static str, &AtomicU64); 9] {
+        [
+            (
+                "bulwark_queue_depth",
+                "Requests waiting for a batch slot.",
+                "gauge",
+                &self.queued,
+            ),
+            (
+                "bulwark_active_sequences",
+                "Sequences in the running batch.",
+                "gauge",
+                &self.active,
+            ),
+            (
+                "bulwark_peak_batch_size",
+                "Most sequences run in one step.",
+                "gauge",
+                &self.peak_batch,
+            ),
+            (
+                "bulwark_open_connections",
+                "Open API connections.",
+                "gauge",
+                &self.connections,
+            ),
+            (
+                "bulwark_prompt_tokens_total",
+                "Prompt tokens processed.",
+                "counter",
+                &self.prompt_tokens,
+            ),
+            (
+                "bulwark_generated_tokens_total",
+                "Tokens generated.",
+                "counter",
+                &self.generated_tokens,
+            ),
+            (
+                "bulwark_requests_completed_total",
+                "Generations finished.",
+                "counter",
+                &self.completed,
+            ),
+            (
+                "bulwark_requests_cancelled_total",
+                "Generations abandoned by their client.",
+                "counter",
+                &self.cancelled,
+            ),
+            (
+                "bulwark_sandbox_enforced",
+                "1 when Landlock and seccomp are fully enforced.",
+                "gauge",
+                &self.sandbox_enforced,
+            ),
+        ]
+    }
+
+    /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut o = String::new();
-        let g = |o: &mut String, name: &str, help: &str, kind: &str, v: u64| {
+        for (name, help, kind, v) in self.scalars() {
+            let v = v.load(Ordering::Relaxed);
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-        };
-        let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        g(
-            &mut o,
-            "bulwark_queue_depth",
-            "Requests waiting for a batch slot.",
-            "gauge",
-            ld(&self.queued),
-        );
-        g(
-            &mut o,
-            "bulwark_active_sequences",
-            "Sequences in the running batch.",
-            "gauge",
-            ld(&self.active),
-        );
-        g(
-            &mut o,
-            "bulwark_peak_batch_size",
-            "Most sequences run in one step.",
-            "gauge",
-            ld(&self.peak_batch),
-        );
-        g(
-            &mut o,
-            "bulwark_open_connections",
-            "Open API connections.",
-            "gauge",
-            ld(&self.connections),
-        );
-        g(
-            &mut o,
-            "bulwark_prompt_tokens_total",
-            "Prompt tokens processed.",
-            "counter",
-            ld(&self.prompt_tokens),
-        );
-        g(
-            &mut o,
-            "bulwark_generated_tokens_total",
-            "Tokens generated.",
-            "counter",
-            ld(&self.generated_tokens),
-        );
-        g(
-            &mut o,
-            "bulwark_requests_completed_total",
-            "Generations finished.",
-            "counter",
-            ld(&self.completed),
-        );
-        g(
-            &mut o,
-            "bulwark_requests_cancelled_total",
-            "Generations abandoned by their client.",
-            "counter",
-            ld(&self.cancelled),
-        );
-        g(
-            &mut o,
-            "bulwark_sandbox_enforced",
-            "1 when Landlock and seccomp are fully enforced.",
-            "gauge",
-            ld(&self.sandbox_enforced),
-        );
+        }
+        self.render_responses(&mut o);
+        self.render_ttft(&mut o);
+        o
+    }
+
+    fn render_responses(&self, o: &mut String) {
         let _ = writeln!(
             o,
             "# HELP bulwark_responses_total API responses by status and reason.\n# TYPE bulwark_responses_total counter"
@@ -128,6 +132,9 @@ impl Metrics {
                 "bulwark_responses_total{{status=\"{status}\",reason=\"{reason}\"}} {v}"
             );
         }
+    }
+
+    fn render_ttft(&self, o: &mut String) {
         let h = self.ttft.lock().unwrap_or_else(|e| e.into_inner());
         let _ = writeln!(
             o,
@@ -147,6 +154,5 @@ impl Metrics {
         );
         let _ = writeln!(o, "bulwark_time_to_first_token_seconds_sum {}", h.2);
         let _ = writeln!(o, "bulwark_time_to_first_token_seconds_count {}", h.1);
-        o
     }
 }
