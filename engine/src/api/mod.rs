@@ -261,38 +261,10 @@ where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    limits::check_headers(req.headers(), &state.limits)?;
-    // HTTP/2's :authority and a Host header must agree (RFC 9113 §8.3.1): a request that
-    // names two hosts is refused, whatever its path, before anything else.
-    if let (Some(a), Some(h)) = (req.uri().authority(), req.headers().get(header::HOST))
-        && h.as_bytes() != a.as_str().as_bytes()
-    {
-        return Err(ApiError::InvalidRequest {
-            message: "The Host header and the request's authority differ.".into(),
-            param: None,
-            code: "invalid_request",
-        });
-    }
+    check_request_shape(state, &req)?;
     let path = req.uri().path();
-
-    // INVARIANT: the only anonymous route, when enabled; byte-exact match, GET only.
-    if state.anonymous_health && req.method() == Method::GET && path == "/health" {
-        ctx.route = "health";
-        return Ok(Handled::json(
-            StatusCode::OK,
-            &serde_json::json!({"status": "ok"}),
-            (0, 0),
-        ));
-    }
-    if req.method() == Method::OPTIONS
-        && let Some(resp) = cors_preflight(state, &req)
-    {
-        ctx.route = "cors_preflight";
-        return Ok(Handled {
-            response: resp,
-            logged: false,
-            tokens: (0, 0),
-        });
+    if let Some(anonymous) = anonymous_answer(state, &req, ctx) {
+        return Ok(anonymous);
     }
 
     // INVARIANT: authentication before routing.
@@ -347,6 +319,51 @@ where
         ("completions", Some(body)) => completions::handle(state, body, ctx).await,
         _ => Err(ApiError::NotFound),
     }
+}
+
+/// What is refused whatever the path, before anything else: header size and count, and a
+/// request naming two hosts (HTTP/2's :authority and a Host header must agree, RFC 9113
+/// §8.3.1).
+fn check_request_shape<B>(state: &AppState, req: &Request<B>) -> Result<(), ApiError> {
+    limits::check_headers(req.headers(), &state.limits)?;
+    if let (Some(a), Some(h)) = (req.uri().authority(), req.headers().get(header::HOST))
+        && h.as_bytes() != a.as_str().as_bytes()
+    {
+        return Err(ApiError::InvalidRequest {
+            message: "The Host header and the request's authority differ.".into(),
+            param: None,
+            code: "invalid_request",
+        });
+    }
+    Ok(())
+}
+
+/// The only answers given without a key: `GET /health` when `server.anonymous_health` is set
+/// (byte-exact path, GET only), and a CORS preflight from a configured origin.
+fn anonymous_answer<B>(
+    state: &AppState,
+    req: &Request<B>,
+    ctx: &mut RequestCtx,
+) -> Option<Handled> {
+    if state.anonymous_health && req.method() == Method::GET && req.uri().path() == "/health" {
+        ctx.route = "health";
+        return Some(Handled::json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "ok"}),
+            (0, 0),
+        ));
+    }
+    if req.method() == Method::OPTIONS
+        && let Some(resp) = cors_preflight(state, req)
+    {
+        ctx.route = "cors_preflight";
+        return Some(Handled {
+            response: resp,
+            logged: false,
+            tokens: (0, 0),
+        });
+    }
+    None
 }
 
 /// A preflight is answered anonymously only for a configured origin asking about a known route;
