@@ -438,6 +438,21 @@ impl Config {
     }
 
     fn validate_rest(&self) -> Result<()> {
+        self.validate_model()?;
+        for (key, value, range) in limit_ranges(&self.limits) {
+            ensure!(
+                range.contains(&value),
+                "limits.{key} must be between {} and {} (got {value})",
+                range.start(),
+                range.end()
+            );
+        }
+        self.validate_sandbox_and_firewall()?;
+        self.validate_engine()?;
+        self.validate_metrics()
+    }
+
+    fn validate_model(&self) -> Result<()> {
         let m = &self.model;
         ensure!(
             !m.path.to_string_lossy().contains("://"),
@@ -453,15 +468,10 @@ impl Config {
             !m.name.is_empty() && m.name.len() <= 128 && !m.name.chars().any(char::is_control),
             "model.name must be 1 to 128 printable characters"
         );
-        let l = &self.limits;
-        for (key, value, range) in limit_ranges(l) {
-            ensure!(
-                range.contains(&value),
-                "limits.{key} must be between {} and {} (got {value})",
-                range.start(),
-                range.end()
-            );
-        }
+        Ok(())
+    }
+
+    fn validate_sandbox_and_firewall(&self) -> Result<()> {
         ensure!(
             self.sandbox.user != "root" && self.sandbox.user != "0",
             "sandbox.user must be an unprivileged user, not root"
@@ -480,6 +490,10 @@ impl Config {
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
             "firewall.table must be 1 to 32 characters of a-z, 0-9 and _"
         );
+        Ok(())
+    }
+
+    fn validate_engine(&self) -> Result<()> {
         let e = &self.engine;
         ensure!(
             (1..=256).contains(&e.max_batch),
@@ -509,6 +523,10 @@ impl Config {
             ),
             None => {}
         }
+        Ok(())
+    }
+
+    fn validate_metrics(&self) -> Result<()> {
         if let Some(addr) = self.metrics.listen {
             ensure!(
                 addr.ip().is_loopback() || self.metrics.allow_non_loopback,
