@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every test: formatting, lints, unit and integration tests (real model), the OpenAI-client
-# and transport tests against a real server. Run as root on Debian 12.
+# Every test: the Nix checks, formatting, lints, unit and integration tests (real model), the
+# OpenAI-client, transport and abuse tests against a real server, the netns lab topologies,
+# and a short run of every fuzz target. Run as root on Debian 12.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -12,4 +13,5 @@ cargo build --release --workspace
 cargo test --release --workspace
 .venv/bin/python -m pytest -q tests/python
 for t in vm-tests/topologies/*.toml; do python3 vm-tests/lab.py "$t"; done
+./scripts/fuzz-smoke.sh 10
 echo "all tests passed"
