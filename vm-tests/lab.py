@@ -9,7 +9,7 @@ apply`, then `verify`) unless the topology says `firewall = false`, and is start
 run in order with their own expectations, then every API is audited (`bulwark audit`).
 `same-tokens` compares against a single-node reference engine run first in a namespace of its
 own. Everything is torn down at the end, even when a check fails. Needs root, iproute2, nftables.
-The format is in vm-tests/README.md (the contract: DESIGN.md §7).
+The format is in vm-tests/README.md (the contract).
 
 Usage: lab.py TOPOLOGY.toml [--bin target/release/bulwark] [--model FILE]
 """
@@ -30,7 +30,7 @@ PREFIX = "bwlab"
 ENGINE_USER = "nobody"
 MODEL_NAME = "smollm2"
 CONTEXT_LENGTH = 2048
-# `closed` means no TCP connection within this many seconds (DESIGN.md §7).
+# `closed` means no TCP connection within this many seconds (vm-tests/README.md).
 CONNECT_TIMEOUT = 2.0
 # After a cluster TLS handshake, a connection the server keeps open this long was accepted.
 CLUSTER_ACCEPT_WAIT = 2.0
@@ -300,7 +300,7 @@ class Lab:
         return f"{addr}:{node.get('metrics_port', 9464)}", bool(node.get("metrics_public"))
 
     def make_certs(self):
-        """The cluster CA, one certificate per head and worker, and a foreign CA (DESIGN.md §6)."""
+        """The cluster CA, one certificate per head and worker, and a foreign CA (docs/cluster.md)."""
         if not self.head:
             return
         self.ca_dir = self.tmp / "cluster-ca"

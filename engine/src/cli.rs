@@ -1,4 +1,4 @@
-//! Command-line interface (contracts in DESIGN.md §5).
+//! Command-line interface (the commands and their contracts: README.md, "Commands").
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,5 +1,5 @@
 //! The probe table: every route a vLLM posture scanner probes (cnspec / mql `vllm` provider
-//! v14, ../shared/research/posture-scanner.md §3), with the method actually sent.
+//! v14; the same list is `engine/tests/data/posture-routes.txt`), with the method actually sent.
 //!
 //! State-changing routes are probed with GET (an answer other than 401/403/404 means the route
 //! exists and is exposed) unless `--intrusive` asks for a real empty-body POST.

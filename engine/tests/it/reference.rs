@@ -5,7 +5,7 @@
 //! and, for a prompt, through different kernels than for single tokens; Bulwark dequantizes
 //! the same weights to f32 and multiplies in f32. The two differ by activation-quantization
 //! noise: llama.cpp's own batched and one-token-at-a-time logits differ by up to 1.1 on this
-//! model (research/perf-baseline.md §2). We require every reference top-5 log-probability to
+//! model (measured with tests/reference/make_reference.py's setup). We require every reference top-5 log-probability to
 //! be within LOGPROB_TOLERANCE nats of ours, and the top-1 token to agree wherever llama.cpp's
 //! own top-1/top-2 gap exceeds that tolerance (below it, the order is noise).
 
