@@ -57,12 +57,21 @@ fn load() -> (
     bulwark::model::ModelInfo,
     bulwark::infer::models::llama::LlamaModel,
 ) {
+    load_as(WeightFormat::F32)
+}
+
+fn load_as(
+    weights: WeightFormat,
+) -> (
+    bulwark::model::ModelInfo,
+    bulwark::infer::models::llama::LlamaModel,
+) {
     bulwark::infer::load::load(
         bulwark::model::gguf::ModelFile::open(&util::model_path()).unwrap(),
         &bulwark::digest::Sha256::parse(util::MODEL_SHA256).unwrap(),
         "m",
         Some(512),
-        WeightFormat::F32,
+        weights,
         &Device::Cpu,
         None,
     )
@@ -123,8 +132,22 @@ fn prompt_token_ids_match_llama_cpp() {
 
 #[test]
 fn first_token_logprobs_match_llama_cpp() {
-    let r = reference();
     let (_, model) = load();
+    let worst = first_token_logprobs_within_tolerance(&model);
+    eprintln!("f32 weights: largest logprob difference from llama.cpp: {worst:.4} nats");
+}
+
+/// The quantized weights through the `kernels` crate (activations quantized to 8 bits as
+/// llama.cpp does) pass the same gate.
+#[test]
+fn quantized_kernels_match_llama_cpp() {
+    let (_, model) = load_as(WeightFormat::Quantized);
+    let worst = first_token_logprobs_within_tolerance(&model);
+    eprintln!("quantized weights: largest logprob difference from llama.cpp: {worst:.4} nats");
+}
+
+fn first_token_logprobs_within_tolerance(model: &bulwark::infer::models::llama::LlamaModel) -> f32 {
+    let r = reference();
     let mut worst = 0f32;
     for case in &r.chat {
         let mut cache = model.new_cache();
@@ -155,7 +178,7 @@ fn first_token_logprobs_match_llama_cpp() {
             );
         }
     }
-    eprintln!("largest logprob difference from llama.cpp: {worst:.4} nats");
+    worst
 }
 
 /// A decode step (one row: the output rows are split across the compute pool) gives the same

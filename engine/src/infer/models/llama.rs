@@ -18,7 +18,13 @@ use crate::model::arch::{LlamaConfig, WeightFormat};
 use crate::model::gguf::GgufFile;
 
 fn linear(q: QTensor, format: WeightFormat, device: &Device) -> Result<Linear> {
-    Ok(Linear(match (format, q.dtype()) {
+    if format == WeightFormat::Quantized
+        && device.is_cpu()
+        && let Some(packed) = PackedLinear::try_pack(&q)?
+    {
+        return Ok(Linear::Packed(Box::new(packed)));
+    }
+    Ok(Linear::Candle(match (format, q.dtype()) {
         (WeightFormat::F32, _) | (_, GgmlDType::F32) => QMatMul::Tensor(q.dequantize(device)?),
         (WeightFormat::F16, _) => QMatMul::TensorF16(q.dequantize_f16(device)?),
         (WeightFormat::Quantized, _) => QMatMul::QTensor(std::sync::Arc::new(q)),
@@ -31,33 +37,95 @@ const MATVEC_SLICE_ROWS: usize = 128;
 
 /// A weight matrix `[out, in]` applied as `x · Wᵀ`.
 ///
+/// Quantized weights of the formats the `kernels` crate has (Q4_0, Q4_1, Q8_0) are repacked
+/// at load into its tiles and multiplied with integer dot products, the activations quantized
+/// to 8 bits as llama.cpp does; every other case goes through candle.
+enum Linear {
+    Candle(QMatMul),
+    Packed(Box<PackedLinear>),
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Candle(m) => candle_forward(m, x),
+            Self::Packed(p) => p.forward(x),
+        }
+    }
+}
+
 /// One decoding sequence makes a single-row product, for which the GEMM library falls back to
 /// a single-threaded GEMV: decode then reads all weights on one core. On the CPU such products
 /// are split by output rows across the compute pool (each slice is a contiguous block of the
 /// weights), which lets every core stream its share. Every other case is the library's GEMM.
-struct Linear(QMatMul);
-
-impl Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let threads = rayon::current_num_threads();
-        if let (QMatMul::Tensor(w), true) = (
-            &self.0,
-            x.device().is_cpu() && threads > 1 && x.dims()[0] == 1,
-        ) {
-            let out = w.dim(0)?;
-            let slice = out.div_ceil(threads).max(MATVEC_SLICE_ROWS);
-            if slice < out {
-                use rayon::prelude::*;
-                let parts = (0..out)
-                    .step_by(slice)
-                    .collect::<Vec<_>>()
-                    .par_iter()
-                    .map(|&start| x.matmul(&w.narrow(0, start, slice.min(out - start))?.t()?))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                return Ok(Tensor::cat(&parts, 1)?);
-            }
+fn candle_forward(m: &QMatMul, x: &Tensor) -> Result<Tensor> {
+    let threads = rayon::current_num_threads();
+    if let (QMatMul::Tensor(w), true) = (m, x.device().is_cpu() && threads > 1 && x.dims()[0] == 1)
+    {
+        let out = w.dim(0)?;
+        let slice = out.div_ceil(threads).max(MATVEC_SLICE_ROWS);
+        if slice < out {
+            use rayon::prelude::*;
+            let parts = (0..out)
+                .step_by(slice)
+                .collect::<Vec<_>>()
+                .par_iter()
+                .map(|&start| x.matmul(&w.narrow(0, start, slice.min(out - start))?.t()?))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            return Ok(Tensor::cat(&parts, 1)?);
         }
-        Ok(self.0.forward(x)?)
+    }
+    Ok(m.forward(x)?)
+}
+
+/// Most activation rows the kernels take in one call.
+const KERNEL_MAX_ROWS: usize = 64;
+
+/// A weight repacked for the `kernels` crate, with its output rows split once across the
+/// compute pool (tile-aligned ranges).
+struct PackedLinear {
+    w: kernels::PackedMatrix,
+    ranges: Vec<std::ops::Range<usize>>,
+}
+
+impl PackedLinear {
+    /// `None` for a format or shape the kernels do not take (candle serves those).
+    fn try_pack(q: &QTensor) -> Result<Option<Self>> {
+        let format = match q.dtype() {
+            GgmlDType::Q4_0 => kernels::WeightFormat::Q4_0,
+            GgmlDType::Q4_1 => kernels::WeightFormat::Q4_1,
+            GgmlDType::Q8_0 => kernels::WeightFormat::Q8_0,
+            _ => return Ok(None),
+        };
+        let (n_out, k) = q.shape().dims2()?;
+        if !k.is_multiple_of(32) {
+            return Ok(None);
+        }
+        let w = kernels::PackedMatrix::pack(format, &q.data()?, n_out, k)?;
+        let ranges = kernels::split_rows(&w, rayon::current_num_threads());
+        Ok(Some(Self { w, ranges }))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        use rayon::prelude::*;
+        let (n, k) = x.dims2()?;
+        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let n_out = self.w.n_out();
+        let mut out = vec![0f32; n * n_out];
+        for (xc, oc) in xs
+            .chunks(KERNEL_MAX_ROWS * k)
+            .zip(out.chunks_mut(KERNEL_MAX_ROWS * n_out))
+        {
+            let acts = kernels::QuantizedActs::quantize(self.w.format().act_format(), xc, k)?;
+            let panels = kernels::split_output(oc, n_out, &self.ranges);
+            panels
+                .into_par_iter()
+                .zip(self.ranges.par_iter())
+                .try_for_each(|(mut panel, r)| {
+                    kernels::matmul_rows(&self.w, &acts, r.clone(), &mut panel)
+                })?;
+        }
+        Ok(Tensor::from_vec(out, (n, n_out), x.device())?)
     }
 }
 
@@ -247,13 +315,15 @@ impl LlamaModel {
             // Models without an output head share the embedding matrix (tied weights).
             let lm_head = match embed_q {
                 Some(q) if tied => match format {
-                    WeightFormat::F16 => Linear(QMatMul::TensorF16(q.dequantize_f16(device)?)),
+                    WeightFormat::F16 => {
+                        Linear::Candle(QMatMul::TensorF16(q.dequantize_f16(device)?))
+                    }
                     // Shares the embedding's memory when this stage holds both.
-                    WeightFormat::F32 => Linear(QMatMul::Tensor(match &embed {
+                    WeightFormat::F32 => Linear::Candle(QMatMul::Tensor(match &embed {
                         Some(e) => e.clone(),
                         None => q.dequantize(device)?,
                     })),
-                    WeightFormat::Quantized => Linear(QMatMul::QTensor(std::sync::Arc::new(q))),
+                    WeightFormat::Quantized => linear(q, WeightFormat::Quantized, device)?,
                 },
                 _ => linear(gguf.tensor("output.weight", device)?, format, device)?,
             };
