@@ -63,6 +63,17 @@ impl ModelTokenizer {
             .enumerate()
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
+        // tokenizers' builder panics (it slices past its buffer) on a merge whose result is
+        // longer than every token, instead of reporting the missing token: checked here first.
+        if let Some((a, b)) = merges
+            .iter()
+            .find(|(a, b)| !vocab.contains_key(&format!("{a}{b}")))
+        {
+            bail!(
+                "tokenizer.ggml.merges: the merge {a:?} {b:?} makes a token that is not in \
+                 tokenizer.ggml.tokens"
+            );
+        }
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
@@ -440,6 +451,34 @@ mod tests {
         let path = dir.path().join("tiny.gguf");
         std::fs::write(&path, bytes).unwrap();
         ModelTokenizer::from_gguf(&GgufFile::open_unverified(&path).unwrap()).unwrap()
+    }
+
+    /// Found by the gguf fuzz target: a merge whose result is longer than every token (here
+    /// `a b` with the tokens `a` and `b` only) panicked inside tokenizers' BPE builder, in
+    /// `model inspect` and at load, instead of being refused.
+    #[test]
+    fn bpe_merge_longer_than_every_token_is_an_error_not_a_panic() {
+        use candle_core::quantized::gguf_file::{self, Value};
+        let strings =
+            |v: &[&str]| Value::Array(v.iter().map(|s| Value::String((*s).into())).collect());
+        let meta = [
+            ("tokenizer.ggml.model", Value::String("gpt2".into())),
+            ("tokenizer.ggml.tokens", strings(&["a", "b"])),
+            ("tokenizer.ggml.merges", strings(&["a b"])),
+            ("tokenizer.ggml.eos_token_id", Value::U32(0)),
+        ];
+        let refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        gguf_file::write(&mut bytes, &refs, &[]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        std::fs::write(&path, bytes.into_inner()).unwrap();
+        let gguf = GgufFile::open_unverified(&path).unwrap();
+        let err = ModelTokenizer::from_gguf(&gguf).err().expect("refused");
+        assert!(
+            format!("{err:#}").contains("tokenizer.ggml.merges"),
+            "{err:#}"
+        );
     }
 
     fn control_ids(t: &ModelTokenizer, ids: &[u32]) -> Vec<u32> {
