@@ -54,18 +54,20 @@ for t in "${TARGETS[@]}"; do
     [ -n "$execs" ] || execs=$(grep -oE '^#[0-9]+' "$log" | tail -1 | tr -d '#')
     cov=$(grep -oE 'cov: [0-9]+' "$log" | tail -1 | cut -d' ' -f2)
     ft=$(grep -oE 'ft: [0-9]+' "$log" | tail -1 | cut -d' ' -f2)
-    crashes=$(grep -cE '^(==[0-9]+== ?ERROR|SUMMARY: libFuzzer|.*deadly signal)' "$log" || true)
+    # libFuzzer stops at the first crash, leak, timeout or OOM and writes its input.
+    crashes=$(grep -c 'Test unit written to' "$log" || true)
     [ "$rc" -ne 0 ] && [ "$crashes" = 0 ] && crashes=1
-    # Minimise the corpus in place: keep only inputs that add coverage.
+    # Minimise the corpus in place: keep only inputs that add coverage, cut to the committed size.
     min=$(mktemp -d)
-    "$BIN/$t" -merge=1 $(fuzz_target_args "$t") "$min" "$corpus" >"$LOGDIR/$t.merge.log" 2>&1 || true
+    "$BIN/$t" -merge=1 $(fuzz_target_args "$t" | sed 's/-max_len=[0-9]*//') \
+        -max_len="$(fuzz_corpus_max_len "$t")" "$min" "$corpus" >"$LOGDIR/$t.merge.log" 2>&1 || true
     if [ -n "$(ls -A "$min")" ]; then
         find "$corpus" -type f -delete
         cp "$min"/* "$corpus"/
     fi
     rm -rf "$min"
     files=$(find "$corpus" -type f | wc -l)
-    kb=$(du -sk "$corpus" | cut -f1)
+    kb=$(( ($(find "$corpus" -type f -exec cat {} + | wc -c) + 1023) / 1024 ))
     rate=$(( ${execs:-0} / (elapsed > 0 ? elapsed : 1) ))
     if [ "$crashes" != 0 ]; then
         FAILED=1
