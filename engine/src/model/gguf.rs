@@ -79,58 +79,76 @@ const MAX_METADATA_DEPTH: usize = 64;
 /// else malformed is left to candle, which reports it.
 fn check_alignment<R: Read + Seek>(r: &mut R) -> Result<()> {
     let start = r.stream_position()?;
-    let found = find_alignment(r);
+    let mut alignment = None;
+    // A read error or a malformed entry ends the walk: candle reports it (and what was seen
+    // before it is still checked, in case candle reads further than this walk).
+    let _ = find_alignment(r, &mut alignment);
     r.seek(SeekFrom::Start(start))?;
-    match found {
-        Ok(Some(a)) if a == 0 || !a.is_power_of_two() => {
+    match alignment {
+        Some(a) if a == 0 || !a.is_power_of_two() => {
             bail!("general.alignment is {a}; it must be a power of two")
         }
         _ => Ok(()),
     }
 }
 
-fn find_alignment<R: Read + Seek>(r: &mut R) -> std::io::Result<Option<u64>> {
+/// Longest key read in full by the walk (longer ones cannot be `general.alignment`).
+const MAX_KEY_READ: u64 = 256;
+
+/// Sets `alignment` to what candle will take from the metadata: the last `general.alignment`
+/// entry (candle keeps the last of a repeated key), its name compared as candle reads it
+/// (trailing NULs dropped), and only from the integer types candle honours.
+fn find_alignment<R: Read + Seek>(r: &mut R, alignment: &mut Option<u64>) -> std::io::Result<()> {
     let magic = read_n::<4>(r)?;
     let long = match u32::from_le_bytes(read_n::<4>(r)?) {
         1 => false,
         2 | 3 => true,
-        _ => return Ok(None),
+        _ => return Ok(()),
     };
     if &magic != b"GGUF" {
-        return Ok(None);
+        return Ok(());
     }
     let _tensors = read_len(r, long)?;
     let kvs = read_len(r, long)?;
     for _ in 0..kvs {
         let key_len = read_len(r, long)?;
-        let is_alignment = if key_len == "general.alignment".len() as u64 {
-            &read_n::<17>(r)? == b"general.alignment"
+        let is_alignment = if key_len <= MAX_KEY_READ {
+            let mut key = vec![0u8; key_len as usize];
+            r.read_exact(&mut key)?;
+            while key.last() == Some(&0) {
+                key.pop();
+            }
+            key == b"general.alignment"
         } else {
             r.seek_relative(i64::try_from(key_len).map_err(std::io::Error::other)?)?;
             false
         };
         let ty = u32::from_le_bytes(read_n::<4>(r)?);
-        if is_alignment {
-            // The integer types candle takes the alignment from (negative ones it ignores).
-            return Ok(match ty {
-                0 => Some(u64::from(read_n::<1>(r)?[0])),
-                1 => Some(read_n::<1>(r)?[0] as i8)
-                    .filter(|v| *v >= 0)
-                    .map(|v| v as u64),
-                2 => Some(u64::from(u16::from_le_bytes(read_n::<2>(r)?))),
-                3 => Some(i16::from_le_bytes(read_n::<2>(r)?))
-                    .filter(|v| *v >= 0)
-                    .map(|v| v as u64),
-                4 => Some(u64::from(u32::from_le_bytes(read_n::<4>(r)?))),
-                5 => Some(i32::from_le_bytes(read_n::<4>(r)?))
-                    .filter(|v| *v >= 0)
-                    .map(|v| v as u64),
-                _ => None,
-            });
+        if !is_alignment {
+            skip_value(r, ty, long, 0)?;
+            continue;
         }
-        skip_value(r, ty, long, 0)?;
+        // Negative values and other types: candle uses its default.
+        *alignment = match ty {
+            0 => Some(u64::from(read_n::<1>(r)?[0])),
+            1 => Some(read_n::<1>(r)?[0] as i8)
+                .filter(|v| *v >= 0)
+                .map(|v| v as u64),
+            2 => Some(u64::from(u16::from_le_bytes(read_n::<2>(r)?))),
+            3 => Some(i16::from_le_bytes(read_n::<2>(r)?))
+                .filter(|v| *v >= 0)
+                .map(|v| v as u64),
+            4 => Some(u64::from(u32::from_le_bytes(read_n::<4>(r)?))),
+            5 => Some(i32::from_le_bytes(read_n::<4>(r)?))
+                .filter(|v| *v >= 0)
+                .map(|v| v as u64),
+            _ => {
+                skip_value(r, ty, long, 0)?;
+                None
+            }
+        };
     }
-    Ok(None)
+    Ok(())
 }
 
 fn skip_value<R: Read + Seek>(r: &mut R, ty: u32, long: bool, depth: usize) -> std::io::Result<()> {
@@ -346,6 +364,26 @@ mod tests {
             let err = open(&with_alignment(bad)).err().expect("refused");
             assert!(format!("{err:#}").contains("general.alignment"), "{err:#}");
         }
+        // Found by the gguf fuzz target after the first fix: the key with trailing NULs
+        // (candle drops them), and a repeated key (candle keeps the last).
+        let mut nul_key = with_alignment(0);
+        nul_key[24..32].copy_from_slice(&21u64.to_le_bytes());
+        nul_key.splice(49..49, [0u8; 4]);
+        let err = open(&nul_key)
+            .err()
+            .expect("trailing NULs do not hide the key");
+        assert!(
+            format!("{err:#}").contains("general.alignment is 0"),
+            "{err:#}"
+        );
+        let mut twice = with_alignment(32);
+        twice[16..24].copy_from_slice(&2u64.to_le_bytes());
+        twice.extend_from_slice(&with_alignment(0)[24..]);
+        let err = open(&twice).err().expect("the last entry counts");
+        assert!(
+            format!("{err:#}").contains("general.alignment is 0"),
+            "{err:#}"
+        );
         for good in [1, 32, 1 << 31] {
             let g = open(&with_alignment(good)).unwrap();
             assert_eq!(g.content.tensor_data_offset % u64::from(good), 0);
