@@ -2,6 +2,9 @@
 //! (`seeds/make_tiny_gguf.py`), a per-process scratch file for parsers that only read paths,
 //! the tokenizer and template built from it, and a router state with no model behind it.
 
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
@@ -26,9 +29,13 @@ pub const TINY_GGUF: &[u8] = include_bytes!("../seeds/tiny.gguf");
 pub const MODEL_NAME: &str = "smollm2-135m-instruct";
 
 /// A file this process owns, rewritten for every input (the GGUF parsers read from a path).
-/// Under /dev/shm when it exists, so that a campaign does not wear a disk.
+/// Created under /dev/shm when it exists (a campaign does not wear a disk) and unlinked at
+/// once where /proc is mounted: the parsers reach it as /proc/self/fd/N, and a crash or the
+/// end of the process leaves nothing behind (statics are never dropped).
 pub struct ScratchFile {
+    file: File,
     path: PathBuf,
+    named: bool,
 }
 
 impl ScratchFile {
@@ -38,20 +45,46 @@ impl ScratchFile {
         } else {
             std::env::temp_dir()
         };
-        Self {
-            path: dir.join(format!("bulwark-fuzz-{name}-{}", std::process::id())),
+        let named = dir.join(format!("bulwark-fuzz-{name}-{}", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&named)
+            .expect("creating the scratch file");
+        let by_fd = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        if by_fd.exists() {
+            let _ = std::fs::remove_file(&named);
+            Self {
+                file,
+                path: by_fd,
+                named: false,
+            }
+        } else {
+            Self {
+                file,
+                path: named,
+                named: true,
+            }
         }
     }
 
     pub fn write(&self, data: &[u8]) -> &Path {
-        std::fs::write(&self.path, data).expect("writing the scratch file");
+        let mut f = &self.file;
+        f.set_len(0).expect("truncating the scratch file");
+        f.seek(SeekFrom::Start(0))
+            .expect("rewinding the scratch file");
+        f.write_all(data).expect("writing the scratch file");
         &self.path
     }
 }
 
 impl Drop for ScratchFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.named {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
