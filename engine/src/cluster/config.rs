@@ -174,3 +174,90 @@ pub fn validate_name(name: &str) -> Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(stages: &str, layers: &str) -> ClusterConfig {
+        toml::from_str(&format!(
+            "role = \"head\"\nname = \"head\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n\
+             layers = {layers}\n{stages}"
+        ))
+        .unwrap()
+    }
+
+    fn stage(name: &str, layers: &str) -> String {
+        format!("[[stages]]\nname = \"{name}\"\naddress = \"10.0.0.2:7070\"\nlayers = {layers}\n")
+    }
+
+    fn err(c: &ClusterConfig) -> String {
+        format!("{:#}", c.validate().unwrap_err())
+    }
+
+    #[test]
+    fn layer_ranges_must_be_contiguous_and_start_at_zero() {
+        let ok = head(
+            &(stage("w1", "[8, 20]") + &stage("w2", "[20, 30]")),
+            "[0, 8]",
+        );
+        ok.validate().unwrap();
+        assert_eq!(ok.total_layers(), 30);
+        let gap = head(
+            &(stage("w1", "[8, 20]") + &stage("w2", "[21, 30]")),
+            "[0, 8]",
+        );
+        assert!(
+            err(&gap).contains("cluster.stages[1].layers"),
+            "{}",
+            err(&gap)
+        );
+        let overlap = head(&stage("w1", "[7, 30]"), "[0, 8]");
+        assert!(err(&overlap).contains("cluster.stages[0].layers"));
+        let late = head(&stage("w1", "[8, 30]"), "[1, 8]");
+        assert!(err(&late).contains("start at 0"), "{}", err(&late));
+        let none = head("", "[0, 8]");
+        assert!(err(&none).contains("cluster.stages is empty"));
+        let twice = head(
+            &(stage("w1", "[8, 20]") + &stage("w1", "[20, 30]")),
+            "[0, 8]",
+        );
+        assert!(err(&twice).contains("not unique"));
+    }
+
+    #[test]
+    fn a_worker_names_its_listener_and_its_one_head() {
+        let w = |extra: &str| -> ClusterConfig {
+            toml::from_str(&format!(
+                "role = \"worker\"\nname = \"w1\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n\
+                 layers = [8, 30]\n{extra}"
+            ))
+            .unwrap()
+        };
+        let full =
+            "listen = \"10.0.0.2:7070\"\nhead_name = \"head\"\nhead_address = \"10.0.0.1\"\n";
+        w(full).validate().unwrap();
+        assert!(
+            err(&w("head_name = \"head\"\nhead_address = \"10.0.0.1\"\n"))
+                .contains("cluster.listen")
+        );
+        assert!(
+            err(&w(
+                "listen = \"10.0.0.2:7070\"\nhead_address = \"10.0.0.1\"\n"
+            ))
+            .contains("cluster.head_name")
+        );
+        assert!(
+            err(&w("listen = \"10.0.0.2:7070\"\nhead_name = \"head\"\n"))
+                .contains("cluster.head_address")
+        );
+        assert!(
+            err(&w(&format!(
+                "{full}[[stages]]\nname = \"x\"\naddress = \"10.0.0.3:1\"\nlayers = [1, 2]\n"
+            )))
+            .contains("cluster.stages")
+        );
+        let bad_name = w(&full.replace("head_name = \"head\"", "head_name = \"Head!\""));
+        assert!(err(&bad_name).contains("cluster.head_name"));
+    }
+}

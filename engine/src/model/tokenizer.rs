@@ -398,20 +398,30 @@ impl Detokenizer {
     /// Add one id; returns the newly complete text, if any.
     pub fn push(&mut self, tok: &ModelTokenizer, id: u32) -> String {
         self.ids.push(id);
+        let (prefix, full) = self.window(tok);
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
+            self.release();
+            full[prefix.len()..].to_owned()
+        } else {
+            String::new()
+        }
+    }
+
+    /// The text of the ids already released in the window, and of the whole window.
+    fn window(&self, tok: &ModelTokenizer) -> (String, String) {
         let prefix = tok
             .decode(&self.ids[self.prefix_offset..self.read_offset])
             .unwrap_or_default();
         let full = tok
             .decode(&self.ids[self.prefix_offset..])
             .unwrap_or_default();
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
-            let delta = full[prefix.len()..].to_owned();
-            self.prefix_offset = self.read_offset;
-            self.read_offset = self.ids.len();
-            delta
-        } else {
-            String::new()
-        }
+        (prefix, full)
+    }
+
+    /// Mark every id as released; the window restarts at the previous release point.
+    fn release(&mut self) {
+        self.prefix_offset = self.read_offset;
+        self.read_offset = self.ids.len();
     }
 
     /// At the end of a generation: whatever is still held back (a character cut by the last
@@ -420,14 +430,8 @@ impl Detokenizer {
         if self.read_offset == self.ids.len() {
             return String::new();
         }
-        let prefix = tok
-            .decode(&self.ids[self.prefix_offset..self.read_offset])
-            .unwrap_or_default();
-        let full = tok
-            .decode(&self.ids[self.prefix_offset..])
-            .unwrap_or_default();
-        self.prefix_offset = self.read_offset;
-        self.read_offset = self.ids.len();
+        let (prefix, full) = self.window(tok);
+        self.release();
         match full.strip_prefix(prefix.as_str()) {
             Some(rest) => rest.to_owned(),
             None => full,
