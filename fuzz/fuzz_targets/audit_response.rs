@@ -1,7 +1,7 @@
 //! What `bulwark audit` reads from the server it probes: arbitrary bytes as the whole answer
 //! of a hostile server (status line, headers, body, chunked or not, cut anywhere) to the same
 //! client the audit uses (hyper's HTTP/1 client connection, no redirects followed), turned into
-//! an `audit::Answer` the way `Target::send_inner` does (header values decoded lossily, at most
+//! an `audit::Answer` through the audit's own `audit::read_answer` (header values decoded lossily, at most
 //! 64 KiB of body read), then into a probe and its JSON report form.
 //!
 //! The audit's reading code is private to `audit::Target` and needs a socket; this target
@@ -13,14 +13,12 @@ use std::sync::OnceLock;
 use bulwark::audit::routes::Category;
 use bulwark::audit::{Answer, Probe};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The audit's own bound on body bytes read per answer (audit/mod.rs `MAX_BODY_READ`).
-const MAX_BODY_READ: usize = 64 << 10;
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -43,30 +41,7 @@ async fn ask(io: tokio::io::DuplexStream) -> anyhow::Result<Answer> {
             .header("user-agent", "bulwark-audit")
             .body(Full::new(Bytes::new()))?;
         let resp = sender.send_request(req).await?;
-        let status = resp.status().as_u16();
-        let headers = resp
-            .headers()
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_owned(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
-        let mut body = resp.into_body();
-        let mut read = 0;
-        while read < MAX_BODY_READ {
-            match body.frame().await {
-                Some(Ok(f)) => read += f.data_ref().map_or(0, |d| d.len()),
-                _ => break,
-            }
-        }
-        anyhow::Ok(Answer {
-            status: Some(status),
-            headers,
-            error: None,
-        })
+        anyhow::Ok(bulwark::audit::read_answer(resp).await)
     };
     // The connection task ends when the server's bytes do; the request decides the answer.
     let conn = async move {

@@ -91,7 +91,36 @@ pub struct Probe {
     pub authenticated: Option<Answer>,
 }
 
-/// The scanner's verdicts (posture-scanner.md §2.2), with one correction: a redirect is not an
+/// What the audit keeps of a server's answer: its status and headers; a bounded part of the
+/// body is read and dropped. Public so that the fuzz target reads hostile answers through it.
+pub async fn read_answer(resp: hyper::Response<hyper::body::Incoming>) -> Answer {
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let mut body = resp.into_body();
+    let mut read = 0;
+    while read < MAX_BODY_READ {
+        match body.frame().await {
+            Some(Ok(f)) => read += f.data_ref().map_or(0, |d| d.len()),
+            _ => break,
+        }
+    }
+    Answer {
+        status: Some(status),
+        headers,
+        error: None,
+    }
+}
+
+/// The scanner's verdicts (the table in engine/tests/data/posture-routes.txt, §2.2 of the scanner's rules), with one correction: a redirect is not an
 /// answer (an SSO gateway redirects every anonymous request to its login page), so it counts as
 /// not exposed and is noted in the report. `None`: no definite answer (timeout, error, 5xx).
 fn anonymously_accessible(a: &Answer) -> Option<bool> {
@@ -256,31 +285,7 @@ impl Target {
         let resp = sender
             .send_request(b.body(Full::new(Bytes::from_static(body.unwrap_or("").as_bytes())))?)
             .await?;
-        let status = resp.status().as_u16();
-        let headers = resp
-            .headers()
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_owned(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
-        // Read (and drop) a bounded part of the body.
-        let mut body = resp.into_body();
-        let mut read = 0;
-        while read < MAX_BODY_READ {
-            match body.frame().await {
-                Some(Ok(f)) => read += f.data_ref().map_or(0, |d| d.len()),
-                _ => break,
-            }
-        }
-        Ok(Answer {
-            status: Some(status),
-            headers,
-            error: None,
-        })
+        Ok(read_answer(resp).await)
     }
 
     /// Does the TLS port also answer plain HTTP?
@@ -323,7 +328,7 @@ struct ExposureCheck {
     paths: Option<&'static [&'static str]>,
 }
 
-/// The scanner's exposure checks, with its impacts (posture-scanner.md §1), plus LoRA loading.
+/// The scanner's exposure checks, with its impacts (the scanner's impacts), plus LoRA loading.
 const EXPOSURE_CHECKS: &[ExposureCheck] = &[
     ExposureCheck {
         id: "custom-inference-routes-not-anonymous",
