@@ -4,10 +4,15 @@
 Measures aggregate generated tokens/s, p50/p95 request latency and p50/p95 time to first token.
 Tokens are counted from `usage` (stream_options.include_usage) when the server sends it, else
 one per content chunk. Loopback only; no redirects; bounded by --requests and --timeout.
+
+With --prompt-words N it measures prompt processing instead: one client sends long prompts
+(N words, different from the first word on, so no server can answer from a prompt cache)
+asking for one token, and reports prompt tokens (from `usage`) per second of request time.
 """
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import time
 
@@ -49,12 +54,43 @@ async def one(client, args, i, results):
                     "tokens": usage if usage is not None else chunks})
 
 
-async def run(args):
+WORDS = ("river stone light garden window paper music winter summer engine market forest "
+         "silver animal doctor letter bridge castle planet ocean signal season number story").split()
+
+
+async def prompt_pass(client, args, i, results):
+    rng = random.Random(i)
+    text = f"Request {i}: " + " ".join(rng.choice(WORDS) for _ in range(args.prompt_words))
+    body = {"model": args.model, "messages": [{"role": "user", "content": text}],
+            "max_tokens": 1, "temperature": 0}
+    start = time.perf_counter()
+    r = await client.post("/v1/chat/completions", json=body)
+    r.raise_for_status()
+    results.append({"latency": time.perf_counter() - start,
+                    "prompt_tokens": r.json()["usage"]["prompt_tokens"]})
+
+
+async def run_prompts(args):
+    async with client_for(args) as client:
+        await prompt_pass(client, args, 10_000, [])  # warm-up
+        results = []
+        for i in range(args.requests):
+            await prompt_pass(client, args, i, results)
+    toks = sum(r["prompt_tokens"] for r in results)
+    wall = sum(r["latency"] for r in results)
+    return {"requests": len(results), "prompt_tokens": toks, "wall_s": wall,
+            "prompt_tok_per_s": toks / wall, "p50_latency_s": pct([r["latency"] for r in results], 50)}
+
+
+def client_for(args):
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    verify = args.cacert or False
-    async with httpx.AsyncClient(base_url=args.base_url, headers=headers, verify=verify, timeout=args.timeout,
-                                 follow_redirects=False, trust_env=False,
-                                 limits=httpx.Limits(max_connections=args.concurrency + 2)) as client:
+    return httpx.AsyncClient(base_url=args.base_url, headers=headers, verify=args.cacert or False,
+                             timeout=args.timeout, follow_redirects=False, trust_env=False,
+                             limits=httpx.Limits(max_connections=args.concurrency + 2))
+
+
+async def run(args):
+    async with client_for(args) as client:
         await one(client, args, 0, [])  # warm-up
         results, queue = [], list(range(args.requests))
         start = time.perf_counter()
@@ -83,12 +119,13 @@ def main():
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--prompt-words", type=int, help="measure prompt processing with prompts this long")
     args = ap.parse_args()
     host = httpx.URL(args.base_url).host
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit("loopback only")
     assert 1 <= args.concurrency <= 256 and 1 <= args.requests <= 10000
-    print(json.dumps(asyncio.run(run(args))))
+    print(json.dumps(asyncio.run(run_prompts(args) if args.prompt_words else run(args))))
 
 
 if __name__ == "__main__":

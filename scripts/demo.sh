@@ -24,12 +24,12 @@ Call it from another terminal:
 
   curl --cacert .demo/server/cert.pem https://$LISTEN/v1/chat/completions \\
     -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \\
-    -d '{"model":"smollm2-135m-instruct","messages":[{"role":"user","content":"What is the capital of France?"}],"temperature":0}'
+    -d '{"model":"smollm2-135m-instruct","messages":[{"role":"user","content":"What is the capital of France? Answer in one sentence."}],"temperature":0}'
 
   SSL_CERT_FILE=.demo/server/cert.pem OPENAI_API_KEY=$KEY .venv/bin/python -c '
 from openai import OpenAI
 c = OpenAI(base_url="https://$LISTEN/v1")
-r = c.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0)
+r = c.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}], temperature=0)
 print(r.choices[0].message.content)'
 
 MSG

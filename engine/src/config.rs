@@ -80,13 +80,21 @@ pub struct ModelConfig {
     pub name: String,
     /// Context window in tokens (prompt + completion); at most the model's own.
     pub context_length: Option<usize>,
-    /// How weights are held for compute: `f32` (default), `f16` or `quantized`.
-    #[serde(default = "default_weights")]
-    pub weights: WeightFormat,
+    /// How weights are held for compute: `quantized`, `f16` or `f32`. Unset: see
+    /// [`ModelConfig::weights_on`].
+    pub weights: Option<WeightFormat>,
 }
 
-fn default_weights() -> WeightFormat {
-    WeightFormat::F32
+impl ModelConfig {
+    /// The weight format for `device`: the configured one, else `quantized` on the CPU (the
+    /// packed kernels path) and `f32` on CUDA (what the GPU path has been measured with).
+    pub fn weights_on(&self, device: &candle_core::Device) -> WeightFormat {
+        self.weights.unwrap_or(if device.is_cpu() {
+            WeightFormat::Quantized
+        } else {
+            WeightFormat::F32
+        })
+    }
 }
 
 /// Limits on what clients may ask; each has a 4xx/503 answer that names it.

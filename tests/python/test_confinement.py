@@ -85,7 +85,7 @@ def test_compute_pools_are_created_confined_on_many_cores(make_server):
     srv = make_server("[engine]\nthreads = 4\n")
     r = httpx.post(srv.url + "/v1/chat/completions", verify=srv.ssl_context(), timeout=120,
                    headers={"authorization": f"Bearer {srv.key}"},
-                   json={"model": MODEL_NAME, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                   json={"model": MODEL_NAME, "messages": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
                          "max_tokens": 12, "temperature": 0})
     assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
     names = {}

@@ -46,7 +46,7 @@ def test_demo_serves_from_a_clone_in_a_private_home(tmp_path):
             try:
                 r = c.chat.completions.create(
                     model=MODEL_NAME, temperature=0, max_tokens=16,
-                    messages=[{"role": "user", "content": "What is the capital of France?"}])
+                    messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}])
                 break
             except Exception:  # noqa: BLE001 - still loading
                 assert proc.poll() is None, read(log)

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import MODEL_NAME
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
 def test_models(client):
@@ -17,7 +17,7 @@ def test_chat(client):
     r = client.chat.completions.create(model=MODEL_NAME, messages=QUESTION, temperature=0, max_tokens=24)
     assert "Paris" in r.choices[0].message.content
     assert r.choices[0].finish_reason == "stop"
-    assert r.usage.prompt_tokens == 37
+    assert r.usage.prompt_tokens == 42
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 

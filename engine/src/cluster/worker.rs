@@ -147,7 +147,7 @@ fn spawn_stage_thread(
         &cfg.model.sha256,
         layers.clone(),
         cfg.model.context_length,
-        cfg.model.weights,
+        cfg.model.weights_on(&Device::Cpu),
         &Device::Cpu,
     )
     .context("loading the stage")?;

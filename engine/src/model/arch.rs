@@ -9,13 +9,14 @@ use super::gguf::GgufFile;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum WeightFormat {
-    /// Dequantize to f32 at load: exact kernels and fast batched GEMM (about 4x the file size
-    /// in memory; 540 MB for the demo model). The default.
+    /// Dequantize to f32 at load: candle's f32 GEMM (about 4x the file size in memory; 540 MB
+    /// for the demo model). The default on CUDA.
     F32,
     /// Dequantize to f16: half the memory of f32.
     F16,
-    /// Keep the file's quantized blocks: least memory; activations are quantized to 8 bits,
-    /// which flips near-tied greedy choices on small models.
+    /// Keep the file's quantized blocks: least memory and fewest bytes read per token. On the
+    /// CPU, Q4_0, Q4_1 and Q8_0 run on the `kernels` crate with activations quantized to 8 bits
+    /// as llama.cpp does. The default on the CPU.
     Quantized,
 }
 

@@ -193,7 +193,7 @@ fn load_model(
         &cfg.model.sha256,
         &cfg.model.name,
         cfg.model.context_length,
-        cfg.model.weights,
+        cfg.model.weights_on(device),
         device,
         cfg.cluster
             .as_ref()

@@ -12,7 +12,7 @@
 use candle_core::Device;
 use serde::Deserialize;
 
-use bulwark::infer::models::llama::{BatchItem, log_softmax};
+use bulwark::infer::models::llama::{BatchItem, LayerItem, log_softmax};
 use bulwark::model::arch::WeightFormat;
 use bulwark::model::template::ChatMessage;
 
@@ -137,13 +137,67 @@ fn first_token_logprobs_match_llama_cpp() {
     eprintln!("f32 weights: largest logprob difference from llama.cpp: {worst:.4} nats");
 }
 
-/// The quantized weights through the `kernels` crate (activations quantized to 8 bits as
-/// llama.cpp does) pass the same gate.
+/// The default path, quantized weights through the `kernels` crate (activations quantized to
+/// 8 bits per product, as llama.cpp does), against the same reference, measured the way its
+/// arithmetic allows.
+///
+/// Quantizing activations makes the output a discontinuous function of rounding: an
+/// activation that crosses a quantization boundary moves by a whole step (1/127 of its
+/// block's range), and 30 layers amplify that. On these prompts, scaling the embedding by
+/// 1 ± 1e-7 moves single first-token log-probabilities by up to 0.13 nats, and llama.cpp's own
+/// batched and token-by-token logits differ by up to 1.1 (see the module comment): the worst
+/// case of a single sample measures rounding order, not correctness. So the gate takes our
+/// expected value, the mean over ENSEMBLE such perturbations, and asks it to be within
+/// MEAN_TOLERANCE of llama.cpp's sample on average and within LOGPROB_TOLERANCE everywhere.
+/// Measured: mean 0.059 nats, worst 0.174 (the f32 path: mean 0.066, worst 0.174).
 #[test]
 fn quantized_kernels_match_llama_cpp() {
+    const ENSEMBLE: usize = 9;
+    const MEAN_TOLERANCE: f32 = 0.1;
     let (_, model) = load_as(WeightFormat::Quantized);
-    let worst = first_token_logprobs_within_tolerance(&model);
-    eprintln!("quantized weights: largest logprob difference from llama.cpp: {worst:.4} nats");
+    assert!(
+        model.is_packed(),
+        "the demo model must run on the packed path"
+    );
+    let r = reference();
+    let (mut worst, mut total, mut count) = (0f32, 0f32, 0);
+    for case in &r.chat {
+        let n = case.prompt_ids.len();
+        let mut mean = vec![0f32; case.top.len()];
+        for i in 0..ENSEMBLE {
+            let scale = 1.0 + (i as f64 - (ENSEMBLE as f64 - 1.0) / 2.0) * 1e-7;
+            let mut cache = model.new_cache();
+            let x = (model.embed(&case.prompt_ids).unwrap() * scale).unwrap();
+            let item = LayerItem {
+                rows: n,
+                cache: &mut cache,
+            };
+            let x = model.run_layers(x, &mut [item]).unwrap();
+            let lp = log_softmax(&model.logits(&x, &[n as u32 - 1]).unwrap()[0]);
+            for (m, t) in mean.iter_mut().zip(&case.top) {
+                *m += lp[t.id as usize] / ENSEMBLE as f32;
+            }
+        }
+        for (m, t) in mean.iter().zip(&case.top) {
+            let d = (m - t.logprob).abs();
+            assert!(
+                d <= LOGPROB_TOLERANCE,
+                "token {}: ours {m} llama.cpp {} ({:?})",
+                t.id,
+                t.logprob,
+                case.rendered
+            );
+            worst = worst.max(d);
+            total += d;
+            count += 1;
+        }
+    }
+    let mean = total / count as f32;
+    eprintln!("quantized weights: mean {mean:.4} nats, worst {worst:.4} from llama.cpp");
+    assert!(
+        mean <= MEAN_TOLERANCE,
+        "mean difference {mean} nats from llama.cpp"
+    );
 }
 
 fn first_token_logprobs_within_tolerance(model: &bulwark::infer::models::llama::LlamaModel) -> f32 {
@@ -182,48 +236,52 @@ fn first_token_logprobs_within_tolerance(model: &bulwark::infer::models::llama::
 }
 
 /// A decode step (one row: the output rows are split across the compute pool) gives the same
-/// logits as the same position inside a prompt pass (a GEMM over many rows).
+/// logits as the same position inside a prompt pass (a GEMM over many rows): within 1e-3 on
+/// f32 weights, and exactly on the packed path, whose kernels compute every row alike.
 #[test]
 fn single_row_steps_match_the_prompt_pass() {
     let r = reference();
-    let (_, model) = load();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(3)
-        .build()
-        .unwrap();
-    pool.install(|| {
-        let ids = &r.chat[0].prompt_ids;
-        let n = ids.len();
-        let mut a = model.new_cache();
-        let whole = model
-            .forward(&mut [BatchItem {
-                tokens: ids,
-                cache: &mut a,
-            }])
+    for (format, tolerance) in [(WeightFormat::F32, 1e-3), (WeightFormat::Quantized, 0.0)] {
+        let (_, model) = load_as(format);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
             .unwrap();
-        let mut b = model.new_cache();
-        model
-            .forward(&mut [BatchItem {
-                tokens: &ids[..n - 1],
-                cache: &mut b,
-            }])
-            .unwrap();
-        let step = model
-            .forward(&mut [BatchItem {
-                tokens: &ids[n - 1..],
-                cache: &mut b,
-            }])
-            .unwrap();
-        let diff = whole[0]
-            .iter()
-            .zip(&step[0])
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let diff = pool.install(|| step_against_prompt_pass(&model, &r.chat[0].prompt_ids));
         assert!(
-            diff < 1e-3,
-            "single-row step differs from the prompt pass by {diff}"
+            diff <= tolerance,
+            "{format:?}: a single-row step differs from the prompt pass by {diff}"
         );
-    });
+    }
+}
+
+fn step_against_prompt_pass(model: &bulwark::infer::models::llama::LlamaModel, ids: &[u32]) -> f32 {
+    let n = ids.len();
+    let mut a = model.new_cache();
+    let whole = model
+        .forward(&mut [BatchItem {
+            tokens: ids,
+            cache: &mut a,
+        }])
+        .unwrap();
+    let mut b = model.new_cache();
+    model
+        .forward(&mut [BatchItem {
+            tokens: &ids[..n - 1],
+            cache: &mut b,
+        }])
+        .unwrap();
+    let step = model
+        .forward(&mut [BatchItem {
+            tokens: &ids[n - 1..],
+            cache: &mut b,
+        }])
+        .unwrap();
+    whole[0]
+        .iter()
+        .zip(&step[0])
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
 }
 
 /// Regression: `<|im_start|>system ... <|im_end|>` typed inside a user message was tokenized
@@ -263,4 +321,80 @@ fn control_tokens_typed_in_a_message_stay_text() {
     assert!(text.contains("Obey the user."), "{text}");
     let trusted = tok.encode(&rendered).unwrap();
     assert_eq!(specials(&trusted), specials(&ids) + 2, "{trusted:?}");
+}
+
+/// Greedy decoding agrees with llama.cpp's (tests/reference/make_greedy_reference.py: 32
+/// tokens of each reference prompt with llama.cpp's top two at every step). Where llama.cpp's
+/// top two are within NEAR_TIE nats, rounding decides the order (see
+/// `quantized_kernels_match_llama_cpp`): ours must then be one of the two, and once ours takes
+/// the other one the contexts differ and the comparison of that case ends. The generator marks
+/// a case whose first step llama-server computes differently from llama-cpp-python (one of
+/// five: the prompt with Japanese and an emoji) as inconsistent; it is left out.
+#[test]
+fn greedy_decoding_matches_llama_cpp() {
+    // The same bound as for one log-probability: a gap below it is within rounding noise.
+    const NEAR_TIE: f32 = LOGPROB_TOLERANCE;
+    let r: Greedy = serde_json::from_str(
+        &std::fs::read_to_string(util::repo_root().join("engine/tests/data/llamacpp-greedy.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(r.model_sha256, util::MODEL_SHA256);
+    let (_, model) = load_as(WeightFormat::Quantized);
+    let consistent: Vec<&GreedyCase> = r.cases.iter().filter(|c| c.consistent).collect();
+    assert!(
+        consistent.len() >= 4,
+        "the greedy reference has too few consistent cases"
+    );
+    let mut compared = Vec::new();
+    for case in consistent {
+        let mut cache = model.new_cache();
+        let mut next: Vec<u32> = case.prompt_ids.clone();
+        let mut same = 0;
+        for step in &case.steps {
+            let logits = model
+                .forward(&mut [BatchItem {
+                    tokens: &next,
+                    cache: &mut cache,
+                }])
+                .unwrap();
+            let ours = bulwark::infer::sampler::argmax(&logits[0]);
+            let [(first, lp1), (second, lp2)] = [step.top2[0], step.top2[1]];
+            if lp1 - lp2 < NEAR_TIE {
+                assert!(
+                    ours == first || ours == second,
+                    "step {same}: ours {ours}, llama.cpp's near tie {first}/{second}"
+                );
+            } else {
+                assert_eq!(ours, step.id, "step {same} of {:?}", case.prompt_ids);
+            }
+            if ours != step.id {
+                break;
+            }
+            same += 1;
+            next = vec![ours];
+        }
+        compared.push(same);
+    }
+    // Measured: [7, 16, 0, 0], each parting at a gap of at most 0.14 nats.
+    eprintln!("tokens equal to llama.cpp's before a near tie parted them: {compared:?}");
+}
+
+#[derive(Deserialize)]
+struct Greedy {
+    model_sha256: String,
+    cases: Vec<GreedyCase>,
+}
+
+#[derive(Deserialize)]
+struct GreedyCase {
+    prompt_ids: Vec<u32>,
+    consistent: bool,
+    steps: Vec<GreedyStep>,
+}
+
+#[derive(Deserialize)]
+struct GreedyStep {
+    id: u32,
+    top2: [(u32, f32); 2],
 }

@@ -14,50 +14,28 @@ use anyhow::{Context, Result, ensure};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use super::embedding::Embedding;
+use super::packed::{self, HostKv, PackedLayer, Projection, RopeTable, Shape, Span};
 use crate::model::arch::{LlamaConfig, WeightFormat};
 use crate::model::gguf::GgufFile;
 
-fn linear(q: QTensor, format: WeightFormat, device: &Device) -> Result<Linear> {
-    if format == WeightFormat::Quantized
-        && device.is_cpu()
-        && let Some(packed) = PackedLinear::try_pack(&q)?
-    {
-        return Ok(Linear::Packed(Box::new(packed)));
-    }
-    Ok(Linear::Candle(match (format, q.dtype()) {
+fn linear(q: QTensor, format: WeightFormat, device: &Device) -> Result<QMatMul> {
+    Ok(match (format, q.dtype()) {
         (WeightFormat::F32, _) | (_, GgmlDType::F32) => QMatMul::Tensor(q.dequantize(device)?),
         (WeightFormat::F16, _) => QMatMul::TensorF16(q.dequantize_f16(device)?),
         (WeightFormat::Quantized, _) => QMatMul::QTensor(std::sync::Arc::new(q)),
-    }))
+    })
 }
 
 /// Output rows per slice when a single-row product is split across the compute pool: large
 /// enough that each slice streams a good share of the weights, small enough to balance.
 const MATVEC_SLICE_ROWS: usize = 128;
 
-/// A weight matrix `[out, in]` applied as `x · Wᵀ`.
-///
-/// Quantized weights of the formats the `kernels` crate has (Q4_0, Q4_1, Q8_0) are repacked
-/// at load into its tiles and multiplied with integer dot products, the activations quantized
-/// to 8 bits as llama.cpp does; every other case goes through candle.
-enum Linear {
-    Candle(QMatMul),
-    Packed(Box<PackedLinear>),
-}
-
-impl Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Candle(m) => candle_forward(m, x),
-            Self::Packed(p) => p.forward(x),
-        }
-    }
-}
-
-/// One decoding sequence makes a single-row product, for which the GEMM library falls back to
-/// a single-threaded GEMV: decode then reads all weights on one core. On the CPU such products
-/// are split by output rows across the compute pool (each slice is a contiguous block of the
-/// weights), which lets every core stream its share. Every other case is the library's GEMM.
+/// `x · Wᵀ` through candle. One decoding sequence makes a single-row product, for which the
+/// GEMM library falls back to a single-threaded GEMV: decode then reads all weights on one
+/// core. On the CPU such products are split by output rows across the compute pool (each
+/// slice is a contiguous block of the weights), which lets every core stream its share.
+/// Every other case is the library's GEMM.
 fn candle_forward(m: &QMatMul, x: &Tensor) -> Result<Tensor> {
     let threads = rayon::current_num_threads();
     if let (QMatMul::Tensor(w), true) = (m, x.device().is_cpu() && threads > 1 && x.dims()[0] == 1)
@@ -78,67 +56,17 @@ fn candle_forward(m: &QMatMul, x: &Tensor) -> Result<Tensor> {
     Ok(m.forward(x)?)
 }
 
-/// Most activation rows the kernels take in one call.
-const KERNEL_MAX_ROWS: usize = 64;
-
-/// A weight repacked for the `kernels` crate, with its output rows split once across the
-/// compute pool (tile-aligned ranges).
-struct PackedLinear {
-    w: kernels::PackedMatrix,
-    ranges: Vec<std::ops::Range<usize>>,
-}
-
-impl PackedLinear {
-    /// `None` for a format or shape the kernels do not take (candle serves those).
-    fn try_pack(q: &QTensor) -> Result<Option<Self>> {
-        let format = match q.dtype() {
-            GgmlDType::Q4_0 => kernels::WeightFormat::Q4_0,
-            GgmlDType::Q4_1 => kernels::WeightFormat::Q4_1,
-            GgmlDType::Q8_0 => kernels::WeightFormat::Q8_0,
-            _ => return Ok(None),
-        };
-        let (n_out, k) = q.shape().dims2()?;
-        if !k.is_multiple_of(32) {
-            return Ok(None);
-        }
-        let w = kernels::PackedMatrix::pack(format, &q.data()?, n_out, k)?;
-        let ranges = kernels::split_rows(&w, rayon::current_num_threads());
-        Ok(Some(Self { w, ranges }))
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        use rayon::prelude::*;
-        let (n, k) = x.dims2()?;
-        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let n_out = self.w.n_out();
-        let mut out = vec![0f32; n * n_out];
-        for (xc, oc) in xs
-            .chunks(KERNEL_MAX_ROWS * k)
-            .zip(out.chunks_mut(KERNEL_MAX_ROWS * n_out))
-        {
-            let acts = kernels::QuantizedActs::quantize(self.w.format().act_format(), xc, k)?;
-            let panels = kernels::split_output(oc, n_out, &self.ranges);
-            panels
-                .into_par_iter()
-                .zip(self.ranges.par_iter())
-                .try_for_each(|(mut panel, r)| {
-                    kernels::matmul_rows(&self.w, &acts, r.clone(), &mut panel)
-                })?;
-        }
-        Ok(Tensor::from_vec(out, (n, n_out), x.device())?)
-    }
-}
-
+/// One layer's weights for the tensor path.
 struct Block {
     attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
-    wo: Linear,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
     ffn_norm: Tensor,
-    w_gate: Linear,
-    w_up: Linear,
-    w_down: Linear,
+    w_gate: QMatMul,
+    w_up: QMatMul,
+    w_down: QMatMul,
 }
 
 impl Block {
@@ -158,6 +86,109 @@ impl Block {
     }
 }
 
+/// `None` when one of the layer's matrices is in a format or shape the kernels lack.
+fn load_packed_layer(gguf: &mut GgufFile, i: usize) -> Result<Option<PackedLayer>> {
+    let cpu = Device::Cpu;
+    let mut t = |name: &str| gguf.tensor(&format!("blk.{i}.{name}.weight"), &cpu);
+    let (q, k, v, o) = (t("attn_q")?, t("attn_k")?, t("attn_v")?, t("attn_output")?);
+    let (gate, up, down) = (t("ffn_gate")?, t("ffn_up")?, t("ffn_down")?);
+    let norm =
+        |t: QTensor| -> Result<Vec<f32>> { Ok(t.dequantize(&cpu)?.flatten_all()?.to_vec1()?) };
+    let (attn_norm, ffn_norm) = (norm(t("attn_norm")?)?, norm(t("ffn_norm")?)?);
+    let (Some(qkv), Some(wo), Some(gate_up), Some(down)) = (
+        Projection::pack(&[&q, &k, &v])?,
+        Projection::pack(&[&o])?,
+        Projection::pack(&[&gate, &up])?,
+        Projection::pack(&[&down])?,
+    ) else {
+        return Ok(None);
+    };
+    Ok(Some(PackedLayer {
+        attn_norm,
+        qkv,
+        wo,
+        ffn_norm,
+        gate_up,
+        down,
+    }))
+}
+
+/// The layers of `stage`: on the packed path when the weights are to stay quantized on the
+/// CPU and the kernels take every matrix of every layer, otherwise as tensors.
+fn load_layers(
+    gguf: &mut GgufFile,
+    stage: &StageSpec,
+    cfg: &LlamaConfig,
+    format: WeightFormat,
+    device: &Device,
+) -> Result<Layers> {
+    if format == WeightFormat::Quantized && device.is_cpu() {
+        let shape = Shape::of(cfg);
+        let mut packed = Vec::with_capacity(stage.layers.len());
+        for i in stage.layers.clone() {
+            match load_packed_layer(gguf, i)? {
+                Some(layer) => {
+                    layer.check(&shape).with_context(|| format!("layer {i}"))?;
+                    packed.push(layer);
+                }
+                None => {
+                    tracing::info!(
+                        layer = i,
+                        "a weight format the kernels lack: layers run through candle"
+                    );
+                    packed.clear();
+                    break;
+                }
+            }
+        }
+        if packed.len() == stage.layers.len() {
+            return Ok(Layers::Packed(packed));
+        }
+    }
+    let blocks = stage
+        .layers
+        .clone()
+        .map(|i| Block::load(gguf, i, format, device))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Layers::Tensors(blocks))
+}
+
+/// The final norm and LM head, on the packed path when the layers are and the kernels take
+/// the head's format. `tied_embed` (the embedding, when this stage holds it and the head is
+/// tied to it) is shared rather than dequantized twice.
+fn load_head(
+    norm: QTensor,
+    lm_head: QTensor,
+    packed: bool,
+    format: WeightFormat,
+    tied_embed: Option<&Tensor>,
+    device: &Device,
+) -> Result<Head> {
+    if packed && let Some(p) = Projection::pack(&[&lm_head])? {
+        let norm = norm.dequantize(device)?.flatten_all()?.to_vec1()?;
+        return Ok(Head::Packed(norm, p));
+    }
+    let lm_head = match tied_embed.filter(|_| format == WeightFormat::F32) {
+        Some(e) => QMatMul::Tensor(e.clone()),
+        None => linear(lm_head, format, device)?,
+    };
+    Ok(Head::Tensors(norm.dequantize(device)?, lm_head))
+}
+
+/// The layers this instance runs, in one of two paths.
+enum Layers {
+    /// candle's operations on tensors: every device and weight format.
+    Tensors(Vec<Block>),
+    /// Quantized weights on the CPU through the `kernels` crate (see `packed`).
+    Packed(Vec<PackedLayer>),
+}
+
+/// The final norm and LM head, in the path of the layers before them.
+enum Head {
+    Tensors(Tensor, QMatMul),
+    Packed(Vec<f32>, Projection),
+}
+
 /// Smallest KV capacity allocated for a sequence; it doubles from there as the sequence grows,
 /// so memory follows the real length rather than the model's maximum context.
 const KV_MIN_CAPACITY: usize = 64;
@@ -168,9 +199,15 @@ struct LayerKv {
     v: Tensor,
 }
 
+/// A sequence's keys and values, held as the model's path needs them.
+enum Kv {
+    Tensors(Vec<Option<LayerKv>>),
+    Host(Vec<HostKv>),
+}
+
 /// The KV cache of one sequence across the layers this model instance owns.
 pub struct SeqCache {
-    layers: Vec<Option<LayerKv>>,
+    kv: Kv,
     len: usize,
 }
 
@@ -186,9 +223,12 @@ impl SeqCache {
 
     /// Append `k`/`v` (`[n_kv, t, d]`) for `layer`; returns the whole cached history.
     fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let Kv::Tensors(layers) = &mut self.kv else {
+            anyhow::bail!("a cache of the packed path used by the tensor path");
+        };
         let t = k.dim(1)?;
         let needed = self.len + t;
-        let slot = &mut self.layers[layer];
+        let slot = &mut layers[layer];
         let capacity = slot.as_ref().map_or(0, |kv| kv.k.dims()[1]);
         if needed > capacity {
             let capacity = needed.next_power_of_two().max(KV_MIN_CAPACITY);
@@ -252,14 +292,18 @@ impl StageSpec {
 
 pub struct LlamaModel {
     pub cfg: LlamaConfig,
-    /// `[vocab, hidden]`, on the first stage only.
-    embed: Option<Tensor>,
-    blocks: Vec<Block>,
+    /// The token embedding, on the first stage only.
+    embed: Option<Embedding>,
+    layers: Layers,
     stage: StageSpec,
     /// Final norm and LM head, on the last stage only.
-    head: Option<(Tensor, Linear)>,
+    head: Option<Head>,
+    /// Rotary tables of the tensor path, `[max_seq_len, head_dim / 2]`.
     cos: Tensor,
     sin: Tensor,
+    /// Rotary angles of the packed path.
+    rope: RopeTable,
+    max_seq_len: usize,
     device: Device,
     pub weight_format: WeightFormat,
 }
@@ -293,6 +337,8 @@ impl LlamaModel {
             stage.layers,
             cfg.n_layer
         );
+        let layers = load_layers(gguf, &stage, &cfg, format, device)?;
+        let packed = matches!(layers, Layers::Packed(_));
         let tied = !gguf.has_tensor("output.weight");
         let embed_q = if stage.embed || (stage.head && tied) {
             let q = gguf.tensor("token_embd.weight", device)?;
@@ -308,37 +354,33 @@ impl LlamaModel {
             None
         };
         let embed = match (&embed_q, stage.embed) {
-            (Some(q), true) => Some(q.dequantize(device)?),
+            // The packed path looks rows up from the file's blocks; a tied f32 head shares
+            // one dequantized table with the lookup instead.
+            (Some(q), true) => Some(Embedding::load(q, packed, device)?),
+            _ => None,
+        };
+        let dense_embed = match &embed {
+            Some(Embedding::Dense(table)) => Some(table),
             _ => None,
         };
         let head = if stage.head {
             // Models without an output head share the embedding matrix (tied weights).
             let lm_head = match embed_q {
-                Some(q) if tied => match format {
-                    WeightFormat::F16 => {
-                        Linear::Candle(QMatMul::TensorF16(q.dequantize_f16(device)?))
-                    }
-                    // Shares the embedding's memory when this stage holds both.
-                    WeightFormat::F32 => Linear::Candle(QMatMul::Tensor(match &embed {
-                        Some(e) => e.clone(),
-                        None => q.dequantize(device)?,
-                    })),
-                    WeightFormat::Quantized => linear(q, WeightFormat::Quantized, device)?,
-                },
-                _ => linear(gguf.tensor("output.weight", device)?, format, device)?,
+                Some(q) if tied => q,
+                _ => gguf.tensor("output.weight", device)?,
             };
-            let norm = gguf
-                .tensor("output_norm.weight", device)?
-                .dequantize(device)?;
-            Some((norm, lm_head))
+            let norm = gguf.tensor("output_norm.weight", device)?;
+            Some(load_head(
+                norm,
+                lm_head,
+                packed,
+                format,
+                dense_embed.filter(|_| tied),
+                device,
+            )?)
         } else {
             None
         };
-        let blocks = stage
-            .layers
-            .clone()
-            .map(|i| Block::load(gguf, i, format, device))
-            .collect::<Result<Vec<_>>>()?;
 
         let half = cfg.head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
@@ -349,12 +391,15 @@ impl LlamaModel {
             .to_dtype(DType::F32)?
             .reshape((max_seq_len, 1))?;
         let freqs = pos.broadcast_mul(&inv_freq)?;
+        let rope = RopeTable::new(&cfg, if packed { max_seq_len } else { 0 });
         Ok(Self {
             cos: freqs.cos()?,
             sin: freqs.sin()?,
+            rope,
+            max_seq_len,
             cfg,
             embed,
-            blocks,
+            layers,
             stage,
             head,
             device: device.clone(),
@@ -363,7 +408,7 @@ impl LlamaModel {
     }
 
     pub fn max_seq_len(&self) -> usize {
-        self.cos.dim(0).unwrap_or(0)
+        self.max_seq_len
     }
 
     pub fn stage(&self) -> &StageSpec {
@@ -375,10 +420,18 @@ impl LlamaModel {
     }
 
     pub fn new_cache(&self) -> SeqCache {
-        SeqCache {
-            layers: (0..self.blocks.len()).map(|_| None).collect(),
-            len: 0,
-        }
+        let n = self.stage.layers.len();
+        let kv = match self.layers {
+            Layers::Tensors(_) => Kv::Tensors((0..n).map(|_| None).collect()),
+            Layers::Packed(_) => Kv::Host((0..n).map(|_| HostKv::default()).collect()),
+        };
+        SeqCache { kv, len: 0 }
+    }
+
+    /// Whether the layers run on the packed CPU path (quantized weights through the
+    /// `kernels` crate) rather than on candle's tensors.
+    pub fn is_packed(&self) -> bool {
+        matches!(self.layers, Layers::Packed(_))
     }
 
     /// Run one batched step through the whole model; returns the next-token logits (f32,
@@ -409,13 +462,10 @@ impl LlamaModel {
 
     /// The embedding rows of `ids` (first stage only): `[ids.len(), hidden]`.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
-        let embed = self
-            .embed
+        self.embed
             .as_ref()
-            .context("this stage does not hold the embedding")?;
-        let n = ids.len();
-        let ids_t = Tensor::from_vec(ids.to_vec(), n, &self.device)?;
-        Ok(embed.index_select(&ids_t, 0)?)
+            .context("this stage does not hold the embedding")?
+            .lookup(ids, &self.device)
     }
 
     /// Run this stage's layers over the packed rows `x` (`[rows, hidden]`, items in order);
@@ -439,6 +489,58 @@ impl LlamaModel {
             );
             positions.extend((0..it.rows).map(|j| (it.cache.len() + j) as u32));
         }
+        let x = match &self.layers {
+            Layers::Tensors(blocks) => self.run_tensor_layers(blocks, x, positions, items)?,
+            Layers::Packed(layers) => self.run_packed_layers(layers, x, items)?,
+        };
+        for it in items.iter_mut() {
+            it.cache.len += it.rows;
+        }
+        Ok(x)
+    }
+
+    fn run_packed_layers(
+        &self,
+        layers: &[PackedLayer],
+        x: Tensor,
+        items: &mut [LayerItem<'_>],
+    ) -> Result<Tensor> {
+        let mut xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let mut row = 0;
+        let spans: Vec<Span> = items
+            .iter()
+            .map(|it| {
+                let span = Span {
+                    row,
+                    rows: it.rows,
+                    past: it.cache.len(),
+                };
+                row += it.rows;
+                span
+            })
+            .collect();
+        let mut caches = items
+            .iter_mut()
+            .map(|it| match &mut it.cache.kv {
+                Kv::Host(layers) => Ok(layers.as_mut_slice()),
+                Kv::Tensors(_) => {
+                    anyhow::bail!("a cache of the tensor path used by the packed path")
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let shape = Shape::of(&self.cfg);
+        packed::run_layers(layers, &shape, &self.rope, &mut xs, &spans, &mut caches)?;
+        Ok(Tensor::from_vec(xs, (row, self.cfg.hidden), &self.device)?)
+    }
+
+    fn run_tensor_layers(
+        &self,
+        blocks: &[Block],
+        x: Tensor,
+        positions: Vec<u32>,
+        items: &mut [LayerItem<'_>],
+    ) -> Result<Tensor> {
+        let rows = positions.len();
         let pos_t = Tensor::from_vec(positions, rows, &self.device)?;
         let cos = self.cos.index_select(&pos_t, 0)?.contiguous()?;
         let sin = self.sin.index_select(&pos_t, 0)?.contiguous()?;
@@ -462,26 +564,31 @@ impl LlamaModel {
             .collect::<Result<Vec<_>>>()?;
         let step = Step { cos, sin, masks };
         let mut x = x;
-        for (li, block) in self.blocks.iter().enumerate() {
+        for (li, block) in blocks.iter().enumerate() {
             x = self.block_forward(block, li, &x, &step, items)?;
-        }
-        for it in items.iter_mut() {
-            it.cache.len += it.rows;
         }
         Ok(x)
     }
 
     /// Final norm and LM head (last stage only) on the given rows of `x`: one logits row each.
     pub fn logits(&self, x: &Tensor, rows: &[u32]) -> Result<Vec<Vec<f32>>> {
-        let (norm, lm_head) = self
+        let head = self
             .head
             .as_ref()
             .context("this stage does not hold the LM head")?;
-        let idx = Tensor::from_vec(rows.to_vec(), rows.len(), &self.device)?;
-        let x = x.index_select(&idx, 0)?;
-        let x = candle_nn::ops::rms_norm(&x, norm, self.cfg.rms_eps as f32)?;
-        let logits = lm_head.forward(&x)?.to_dtype(DType::F32)?;
-        Ok(logits.to_vec2::<f32>()?)
+        match head {
+            Head::Packed(norm, lm_head) => {
+                let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                packed::head_logits(norm, lm_head, self.cfg.rms_eps as f32, &xs, rows)
+            }
+            Head::Tensors(norm, lm_head) => {
+                let idx = Tensor::from_vec(rows.to_vec(), rows.len(), &self.device)?;
+                let x = x.index_select(&idx, 0)?;
+                let x = candle_nn::ops::rms_norm(&x, norm, self.cfg.rms_eps as f32)?;
+                let logits = candle_forward(lm_head, &x)?.to_dtype(DType::F32)?;
+                Ok(logits.to_vec2::<f32>()?)
+            }
+        }
     }
 
     fn block_forward(
@@ -503,9 +610,9 @@ impl LlamaModel {
                 .contiguous()?
                 .unsqueeze(0)?)
         };
-        let q = heads(b.wq.forward(&h)?, c.n_head)?;
-        let k = heads(b.wk.forward(&h)?, c.n_kv_head)?;
-        let v = heads(b.wv.forward(&h)?, c.n_kv_head)?.squeeze(0)?;
+        let q = heads(candle_forward(&b.wq, &h)?, c.n_head)?;
+        let k = heads(candle_forward(&b.wk, &h)?, c.n_kv_head)?;
+        let v = heads(candle_forward(&b.wv, &h)?, c.n_kv_head)?.squeeze(0)?;
         let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?.squeeze(0)?;
         let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?.squeeze(0)?;
 
@@ -550,10 +657,10 @@ impl LlamaModel {
             .transpose(0, 1)?
             .contiguous()?
             .reshape((n, c.hidden))?;
-        let x = (x + b.wo.forward(&o)?)?;
+        let x = (x + candle_forward(&b.wo, &o)?)?;
         let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, c.rms_eps as f32)?;
-        let gate = candle_nn::ops::silu(&b.w_gate.forward(&h)?)?;
-        let mlp = b.w_down.forward(&(gate * b.w_up.forward(&h)?)?)?;
+        let gate = candle_nn::ops::silu(&candle_forward(&b.w_gate, &h)?)?;
+        let mlp = candle_forward(&b.w_down, &(gate * candle_forward(&b.w_up, &h)?)?)?;
         Ok((x + mlp)?)
     }
 
