@@ -10,6 +10,11 @@ use bulwark::model::arch::WeightFormat;
 use bulwark::model::gguf::GgufFile;
 
 fn main() -> Result<()> {
+    // As the server runs it: on a thread of the compute pool.
+    bulwark::infer::scheduler::on_compute_pool(run)
+}
+
+fn run() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let path = args
         .next()
@@ -37,7 +42,10 @@ fn main() -> Result<()> {
         prefill * 1e3,
         64.0 / prefill
     );
-    let steps = 64;
+    let steps: usize = std::env::var("STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64);
     let t = Instant::now();
     for s in 0..steps {
         let tok = [200 + s as u32];

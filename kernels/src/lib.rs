@@ -25,6 +25,7 @@ mod blocks;
 mod f16;
 pub mod pack;
 mod scalar;
+mod vector;
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod x86;
@@ -39,6 +40,7 @@ pub use blocks::{
 pub use f16::{f16_to_f32, f32_to_f16};
 pub use pack::{PackedMatrix, TILE_ROWS, WeightFormat};
 pub use scalar::reference_matmul;
+pub use vector::{axpy_f16, dot_f16, extend_f16, round_to_f16};
 
 /// Activation rows one call takes at most (the batched kernels are sized for prompts and
 /// decode batches up to this; larger batches are split by the caller).

@@ -499,6 +499,109 @@ fn run<const F: u8, const QB: usize>(isa: Isa, n: usize, a: &Args, o: &mut [[f32
     }
 }
 
+/// f32 to f16 bits, eight at a time with F16C (round to nearest even), the tail by hand
+/// (which rounds identically).
+pub(crate) fn to_f16(src: &[f32], dst: &mut [u16]) {
+    #[target_feature(enable = "avx2,f16c")]
+    fn inner(src: &[f32], dst: &mut [u16]) {
+        let (s8, d8) = (src.chunks_exact(8), dst.chunks_exact_mut(8));
+        let (s_tail, d_tail) = (s8.remainder(), d8.into_remainder());
+        for (o, &x) in d_tail.iter_mut().zip(s_tail) {
+            *o = crate::f16::f32_to_f16(x);
+        }
+        for (s, d) in src.chunks_exact(8).zip(dst.chunks_exact_mut(8)) {
+            // SAFETY: `s` is 8 f32 and `d` 8 u16 (chunks_exact), exactly what the unaligned
+            // 256-bit load and 128-bit store touch.
+            unsafe {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(s.as_ptr()));
+                _mm_storeu_si128(d.as_mut_ptr().cast(), h);
+            }
+        }
+    }
+    debug_assert!(Isa::Avx2.is_available());
+    // SAFETY: callers (crate::vector) run this only after detecting AVX2 with F16C.
+    unsafe { inner(src, dst) }
+}
+
+/// Rounds each value to the nearest f16 and back, eight at a time.
+pub(crate) fn round_to_f16(x: &mut [f32]) {
+    #[target_feature(enable = "avx2,f16c")]
+    fn inner(x: &mut [f32]) {
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in &mut chunks {
+            // SAFETY: `c` is 8 f32 (chunks_exact_mut): the load and the store touch only it.
+            unsafe {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(c.as_ptr()));
+                _mm256_storeu_ps(c.as_mut_ptr(), _mm256_cvtph_ps(h));
+            }
+        }
+        for v in chunks.into_remainder() {
+            *v = crate::f16::f16_to_f32(crate::f16::f32_to_f16(*v));
+        }
+    }
+    debug_assert!(Isa::Avx2.is_available());
+    // SAFETY: callers (crate::vector) run this only after detecting AVX2 with F16C.
+    unsafe { inner(x) }
+}
+
+/// `Σ q[i] · k[i]`, `k` in f16 bits, with two 8-lane FMA accumulators.
+pub(crate) fn dot_f16(q: &[f32], k: &[u16]) -> f32 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn inner(q: &[f32], k: &[u16]) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let (q16, k16) = (q.chunks_exact(16), k.chunks_exact(16));
+        let tail: f32 = q16
+            .remainder()
+            .iter()
+            .zip(k16.remainder())
+            .map(|(&a, &b)| a * crate::f16::f16_to_f32(b))
+            .sum();
+        for (qc, kc) in q.chunks_exact(16).zip(k.chunks_exact(16)) {
+            for (half, a) in acc.iter_mut().enumerate() {
+                // SAFETY: `qc` is 16 f32 and `kc` 16 u16 (chunks_exact); each half reads 8 of
+                // each, in bounds.
+                unsafe {
+                    let kv = _mm256_cvtph_ps(_mm_loadu_si128(kc.as_ptr().add(8 * half).cast()));
+                    let qv = _mm256_loadu_ps(qc.as_ptr().add(8 * half));
+                    *a = _mm256_fmadd_ps(qv, kv, *a);
+                }
+            }
+        }
+        let sum = _mm256_add_ps(acc[0], acc[1]);
+        let quad = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
+        let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+        _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair))) + tail
+    }
+    debug_assert!(Isa::Avx2.is_available());
+    // SAFETY: callers (crate::vector) run this only after detecting AVX2, FMA and F16C.
+    unsafe { inner(q, k) }
+}
+
+/// `acc[i] += p · v[i]`, `v` in f16 bits, eight at a time with FMA.
+pub(crate) fn axpy_f16(acc: &mut [f32], p: f32, v: &[u16]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn inner(acc: &mut [f32], p: f32, v: &[u16]) {
+        let pv = _mm256_set1_ps(p);
+        let (a8, v8) = (acc.chunks_exact_mut(8), v.chunks_exact(8));
+        let v_tail = v8.remainder();
+        for (a, &b) in a8.into_remainder().iter_mut().zip(v_tail) {
+            *a += p * crate::f16::f16_to_f32(b);
+        }
+        for (a, vc) in acc.chunks_exact_mut(8).zip(v.chunks_exact(8)) {
+            // SAFETY: `a` is 8 f32 and `vc` 8 u16 (chunks_exact): the loads and the store
+            // touch only them.
+            unsafe {
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(vc.as_ptr().cast()));
+                let r = _mm256_fmadd_ps(pv, x, _mm256_loadu_ps(a.as_ptr()));
+                _mm256_storeu_ps(a.as_mut_ptr(), r);
+            }
+        }
+    }
+    debug_assert!(Isa::Avx2.is_available());
+    // SAFETY: callers (crate::vector) run this only after detecting AVX2, FMA and F16C.
+    unsafe { inner(acc, p, v) }
+}
+
 /// Run-time detection, done once by `Isa::detect` and cached there.
 pub(crate) fn has(isa: Isa) -> bool {
     let avx2 = is_x86_feature_detected!("avx2")

@@ -77,7 +77,9 @@ impl StepRunner for PipelineRunner {
                 rows: it.tokens.len() as u32,
             })
             .collect();
-        let x = self.local.embed_and_run(&mut as_batch(items))?;
+        let local = &self.local;
+        let x =
+            crate::infer::scheduler::on_compute_pool(|| local.embed_and_run(&mut as_batch(items)))?;
         let mut hidden = x.flatten_all()?.to_vec1::<f32>()?;
         let step = self.next_step;
         self.next_step += 1;

@@ -176,7 +176,8 @@ impl StageThread {
         while let Ok(job) = rx.recv() {
             match job {
                 Job::Step(step, reply) => {
-                    let _ = reply.send(self.step(step));
+                    let out = crate::infer::scheduler::on_compute_pool(|| self.step(step));
+                    let _ = reply.send(out);
                 }
                 Job::Free(seqs) => {
                     for s in seqs {

@@ -172,7 +172,8 @@ impl StepRunner for LlamaModel {
         self
     }
     fn run(&mut self, items: &mut [StepItem<'_>]) -> anyhow::Result<Vec<Vec<f32>>> {
-        self.forward(&mut as_batch(items))
+        let model = &*self;
+        on_compute_pool(|| model.forward(&mut as_batch(items)))
     }
     fn free(&mut self, _seq: u64) {}
     fn available(&self) -> Arc<AtomicBool> {
@@ -234,6 +235,19 @@ pub fn enter_compute_thread(
     }
     let _ = candle_core::utils::barrier_pool();
     Ok(())
+}
+
+/// Runs `f` (the computation of one step) on a thread of the compute pool while the calling
+/// thread waits. The parallel loops `f` starts then share work with the pool's other threads
+/// by work stealing; started from outside the pool, every loop would instead wake the pool
+/// and put the caller to sleep until it finished: two context switches per loop, and a
+/// decode step has about 150 loops. Only computation: a pool thread blocked waiting (for
+/// requests, or for a pipeline stage's answer) leaves the pool a thread short, and in a
+/// process with several schedulers (the tests, a pipeline in one process) with none.
+pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    // `scope` runs its closure on a worker of the (global) pool: rayon has no `install` for
+    // the global pool, and this is how to enter it.
+    rayon::scope(|_| f())
 }
 
 /// Start the inference thread. Returns once its compute pools exist, so that work the caller

@@ -149,7 +149,7 @@ fn first_token_logprobs_match_llama_cpp() {
 /// case of a single sample measures rounding order, not correctness. So the gate takes our
 /// expected value, the mean over ENSEMBLE such perturbations, and asks it to be within
 /// MEAN_TOLERANCE of llama.cpp's sample on average and within LOGPROB_TOLERANCE everywhere.
-/// Measured: mean 0.059 nats, worst 0.174 (the f32 path: mean 0.066, worst 0.174).
+/// Measured: mean 0.054 nats, worst 0.159 (the f32 path: mean 0.066, worst 0.174).
 #[test]
 fn quantized_kernels_match_llama_cpp() {
     const ENSEMBLE: usize = 9;
@@ -332,8 +332,9 @@ fn control_tokens_typed_in_a_message_stay_text() {
 /// five: the prompt with Japanese and an emoji) as inconsistent; it is left out.
 #[test]
 fn greedy_decoding_matches_llama_cpp() {
-    // The same bound as for one log-probability: a gap below it is within rounding noise.
-    const NEAR_TIE: f32 = LOGPROB_TOLERANCE;
+    // A gap is the difference of two log-probabilities, each within LOGPROB_TOLERANCE of
+    // llama.cpp's by rounding alone: a gap below twice that can flip by rounding.
+    const NEAR_TIE: f32 = 2.0 * LOGPROB_TOLERANCE;
     let r: Greedy = serde_json::from_str(
         &std::fs::read_to_string(util::repo_root().join("engine/tests/data/llamacpp-greedy.json"))
             .unwrap(),
@@ -376,7 +377,7 @@ fn greedy_decoding_matches_llama_cpp() {
         }
         compared.push(same);
     }
-    // Measured: [7, 16, 0, 0], each parting at a gap of at most 0.14 nats.
+    // Measured: [11, 16, 0, 32]; the three that part do so at gaps of 0.34, 0.12 and 0.14.
     eprintln!("tokens equal to llama.cpp's before a near tie parted them: {compared:?}");
 }
 

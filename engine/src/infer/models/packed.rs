@@ -114,13 +114,13 @@ pub(super) struct PackedLayer {
     pub(super) down: Projection,
 }
 
-/// One layer's keys and values of one sequence, token-major (`[len][n_kv_head · head_dim]`),
-/// each value rounded to f16 as llama.cpp's default f16 cache holds it. They grow by
-/// amortised doubling as the sequence does.
+/// One layer's keys and values of one sequence as f16 bits (llama.cpp's default cache type),
+/// token-major (`[len][n_kv_head · head_dim]`). They grow by amortised doubling as the
+/// sequence does.
 #[derive(Default)]
 pub struct HostKv {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: Vec<u16>,
+    v: Vec<u16>,
 }
 
 /// Rotary angles per position, computed as ggml's rope cache does (`theta *= theta_scale`
@@ -161,11 +161,6 @@ impl RopeTable {
             }
         }
     }
-}
-
-/// `x` rounded to the nearest f16 (ties to even), as llama.cpp stores or converts it.
-fn round_f16(x: f32) -> f32 {
-    kernels::f16_to_f32(kernels::f32_to_f16(x))
 }
 
 /// RMS norm of each row of `x` times `weight`, into `out`, as ggml computes it: the sum of
@@ -326,9 +321,9 @@ fn rotate_and_cache(
             let (k, v) = rest.split_at_mut(kw);
             rope.rotate(q, span.past + i);
             rope.rotate(k, span.past + i);
-            q.iter_mut().for_each(|x| *x = round_f16(*x));
-            kv.k.extend(k.iter().map(|&x| round_f16(x)));
-            kv.v.extend(v.iter().map(|&x| round_f16(x)));
+            kernels::round_to_f16(q);
+            kernels::extend_f16(&mut kv.k, k);
+            kernels::extend_f16(&mut kv.v, v);
         }
     }
 }
@@ -362,17 +357,13 @@ fn attention(
                 let q = &qkv[row * width + h * d..row * width + (h + 1) * d];
                 let seen = span.past + t + 1;
                 weights.clear();
-                weights.extend((0..seen).map(|j| {
-                    let key = &kv.k[j * kw + g * d..j * kw + (g + 1) * d];
-                    dot(q, key) * scale
-                }));
+                let keys = kv.k[..seen * kw].chunks_exact(kw);
+                weights
+                    .extend(keys.map(|key| kernels::dot_f16(q, &key[g * d..(g + 1) * d]) * scale));
                 softmax_f16(&mut weights);
                 let acc = &mut o[t * d..(t + 1) * d];
-                for (j, &p) in weights.iter().enumerate() {
-                    let value = &kv.v[j * kw + g * d..j * kw + (g + 1) * d];
-                    for (a, &v) in acc.iter_mut().zip(value) {
-                        *a += p * v;
-                    }
+                for (&p, value) in weights.iter().zip(kv.v.chunks_exact(kw)) {
+                    kernels::axpy_f16(acc, p, &value[g * d..(g + 1) * d]);
                 }
             }
             o
@@ -387,24 +378,6 @@ fn attention(
     }
 }
 
-/// Dot product with eight independent partial sums (vectorizes without fast-math).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 /// Softmax in place, the weights then rounded to f16 (llama.cpp converts them to the f16
 /// value cache's type for the `V·p` product); the sum is taken in f64 as ggml does.
 fn softmax_f16(w: &mut [f32]) {
@@ -416,8 +389,9 @@ fn softmax_f16(w: &mut [f32]) {
     }
     let inv = (1.0 / sum) as f32;
     for x in w.iter_mut() {
-        *x = round_f16(*x * inv);
+        *x *= inv;
     }
+    kernels::round_to_f16(w);
 }
 
 /// The final RMS norm and the LM head on the given rows of `x`: one logits row each.
