@@ -161,6 +161,9 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Prompt tokens processed per step across the batch (bounds a step's latency).
     pub max_batch_tokens: usize,
+    /// Memory for the KV caches of recent prompts, reused by later prompts of the same API
+    /// key that start with the same tokens (`infer::prefix`); 0 turns reuse off.
+    pub prefix_cache_mb: usize,
     /// `cpu`, or `cuda:N` in builds with the `cuda` feature.
     pub device: Device,
 }
@@ -172,6 +175,7 @@ impl Default for EngineConfig {
             io_threads: 1,
             max_batch: 16,
             max_batch_tokens: 512,
+            prefix_cache_mb: 64,
             device: Device::Cpu,
         }
     }
@@ -514,6 +518,10 @@ impl Config {
         ensure!(
             (1..=64).contains(&e.io_threads),
             "engine.io_threads must be between 1 and 64"
+        );
+        ensure!(
+            e.prefix_cache_mb <= 65_536,
+            "engine.prefix_cache_mb must be at most 65536 (64 GiB)"
         );
         match self.cuda_ordinal() {
             Some(_) if !cfg!(feature = "cuda") => {

@@ -13,6 +13,8 @@ pub struct Metrics {
     pub queued: AtomicU64,
     pub active: AtomicU64,
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens taken from the prefix cache instead of being computed.
+    pub prefix_reused_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub completed: AtomicU64,
     pub cancelled: AtomicU64,
@@ -45,7 +47,7 @@ impl Metrics {
     }
 
     /// The single-valued metrics, as a table: name, help, type, value.
-    fn scalars(&self) -> [(&'static str, &'static str, &'static str, &AtomicU64); 9] {
+    fn scalars(&self) -> [(&'static str, &'static str, &'static str, &AtomicU64); 10] {
         [
             (
                 "bulwark_queue_depth",
@@ -73,9 +75,15 @@ impl Metrics {
             ),
             (
                 "bulwark_prompt_tokens_total",
-                "Prompt tokens processed.",
+                "Prompt tokens computed (those reused from the prefix cache are not).",
                 "counter",
                 &self.prompt_tokens,
+            ),
+            (
+                "bulwark_prefix_reused_tokens_total",
+                "Prompt tokens whose KV cache came from an earlier prompt of the same key.",
+                "counter",
+                &self.prefix_reused_tokens,
             ),
             (
                 "bulwark_generated_tokens_total",

@@ -169,6 +169,7 @@ pub fn app_state() -> (Arc<AppState>, String) {
             max_batch: 1,
             max_batch_tokens: 16,
             queue_depth: limits.queue_depth,
+            prefix_cache_bytes: 0,
         },
         1,
         metrics.clone(),

@@ -275,6 +275,7 @@ pub fn submit(
         .scheduler
         .submit(GenRequest {
             request_id: ctx.request_id.clone(),
+            prefix_scope: ctx.key_name.clone(),
             prompt: p.prompt,
             max_tokens: p.max_tokens,
             sampling: p.sampling,

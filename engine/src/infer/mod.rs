@@ -4,5 +4,6 @@
 
 pub mod load;
 pub mod models;
+pub mod prefix;
 pub mod sampler;
 pub mod scheduler;

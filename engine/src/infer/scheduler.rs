@@ -10,6 +10,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::models::llama::{BatchItem, LlamaModel, SeqCache, log_softmax};
+use super::prefix::PrefixCache;
 use super::sampler::{Sampler, SamplingParams};
 use crate::metrics::Metrics;
 use crate::model::ModelInfo;
@@ -27,6 +28,8 @@ pub fn event_capacity(max_tokens: usize) -> usize {
 #[derive(Debug)]
 pub struct GenRequest {
     pub request_id: String,
+    /// Who may share this prompt's cached prefixes (the API key's name; see `infer::prefix`).
+    pub prefix_scope: String,
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
@@ -185,6 +188,8 @@ pub struct SchedulerConfig {
     pub max_batch: usize,
     pub max_batch_tokens: usize,
     pub queue_depth: usize,
+    /// Budget of the prompt prefix cache; 0 turns reuse off.
+    pub prefix_cache_bytes: usize,
 }
 
 /// The inference thread, started before the model exists: it confines itself, creates the
@@ -275,6 +280,7 @@ pub fn spawn(
                 return;
             };
             Scheduler {
+                prefixes: PrefixCache::new(cfg.prefix_cache_bytes),
                 runner,
                 info,
                 cfg,
@@ -330,6 +336,7 @@ struct Scheduler {
     metrics: Arc<Metrics>,
     active: Vec<Active>,
     next_seq: u64,
+    prefixes: PrefixCache,
 }
 
 impl Scheduler {
@@ -386,12 +393,13 @@ impl Scheduler {
         let sampler = Sampler::new(req.sampling.clone());
         let seq = self.next_seq;
         self.next_seq += 1;
+        let (cache, prefilled) = self.reuse_prefix(&req);
         self.active.push(Active {
             seq,
-            cache: self.runner.local().new_cache(),
+            cache,
             sampler,
             detok: Detokenizer::new(),
-            prefilled: 0,
+            prefilled,
             last: [0],
             generated: 0,
             unreported: 0,
@@ -400,6 +408,22 @@ impl Scheduler {
             started: Instant::now(),
             req,
         });
+    }
+
+    /// A cache for `req`, holding the longest prefix of its prompt cached for its scope, and
+    /// that prefix's length (the prompt tokens already in the cache).
+    fn reuse_prefix(&mut self, req: &GenRequest) -> (SeqCache, usize) {
+        let model = self.runner.local();
+        if self.cfg.prefix_cache_bytes > 0
+            && model.is_whole()
+            && let Some((cache, n)) = self.prefixes.take(model, &req.prefix_scope, &req.prompt)
+        {
+            self.metrics
+                .prefix_reused_tokens
+                .fetch_add(n as u64, Ordering::Relaxed);
+            return (cache, n);
+        }
+        (model.new_cache(), 0)
     }
 
     /// Which sequences run this step and with how many tokens, in `active` order: decoding
@@ -495,6 +519,11 @@ impl Scheduler {
                 }
                 let ttft = a.started.elapsed();
                 self.metrics.observe_ttft(ttft);
+                let model = self.runner.local();
+                if self.cfg.prefix_cache_bytes > 0 && model.is_whole() {
+                    self.prefixes
+                        .put(model, &a.req.prefix_scope, &a.req.prompt, &a.cache);
+                }
             }
             if let Some(reason) = self.emit_token(i, &row) {
                 finished.push((i, reason));

@@ -273,6 +273,7 @@ pub fn start(
             max_batch: cfg.engine.max_batch,
             max_batch_tokens: cfg.engine.max_batch_tokens,
             queue_depth: cfg.limits.queue_depth,
+            prefix_cache_bytes: cfg.engine.prefix_cache_mb << 20,
         },
         cfg.compute_threads(),
         metrics.clone(),

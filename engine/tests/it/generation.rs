@@ -260,3 +260,39 @@ async fn a_generation_cut_inside_a_character_keeps_its_bytes() {
         "no length cut the answer inside a character"
     );
 }
+
+/// A prompt that starts like an earlier one of the same key reuses that prompt's cached
+/// prefix (the chat template's system prompt and more) and answers exactly as without it;
+/// another key's prompt with the same prefix computes it again (no timing signal across keys).
+#[tokio::test]
+async fn prompt_prefixes_are_reused_within_a_key_only() {
+    let t = util::state("");
+    let reused = || t.state.metrics.prefix_reused_tokens.load(Ordering::Relaxed);
+    let ask = json!({"temperature": 0, "max_tokens": 16});
+    let question = "Name three colours of the rainbow.";
+    let first = content(&t.chat(question, ask.clone()).await);
+    assert_eq!(reused(), 0);
+    let again = content(&t.chat(question, ask.clone()).await);
+    let after_same_key = reused();
+    assert!(after_same_key >= 30, "reused {after_same_key} tokens");
+    assert_eq!(again, first, "a reused prefix changed the answer");
+
+    let other = t.chat_as_other(question, ask.clone()).await;
+    assert_eq!(content(&other), first);
+    assert_eq!(
+        reused(),
+        after_same_key,
+        "another key reused this key's prefix"
+    );
+
+    let off = util::state("[engine]\nprefix_cache_mb = 0\n");
+    content(&off.chat(question, ask.clone()).await);
+    content(&off.chat(question, ask).await);
+    assert_eq!(
+        off.state
+            .metrics
+            .prefix_reused_tokens
+            .load(Ordering::Relaxed),
+        0
+    );
+}

@@ -120,7 +120,11 @@ impl TestState {
     }
 
     pub async fn post(&self, path: &str, body: serde_json::Value) -> Reply {
-        let auth = self.bearer();
+        self.post_with_key(&self.key, path, body).await
+    }
+
+    async fn post_with_key(&self, key: &str, path: &str, body: serde_json::Value) -> Reply {
+        let auth = format!("Bearer {key}");
         call(
             &self.state,
             "POST",
@@ -135,15 +139,30 @@ impl TestState {
     }
 
     pub async fn chat(&self, content: &str, extra: serde_json::Value) -> Reply {
-        let mut body = serde_json::json!({
-            "model": MODEL_NAME,
-            "messages": [{"role": "user", "content": content}],
-        });
-        for (k, v) in extra.as_object().unwrap() {
-            body[k] = v.clone();
-        }
-        self.post("/v1/chat/completions", body).await
+        self.post("/v1/chat/completions", chat_body(content, extra))
+            .await
     }
+
+    /// `chat` with the second key ("other").
+    pub async fn chat_as_other(&self, content: &str, extra: serde_json::Value) -> Reply {
+        self.post_with_key(
+            &self.other_key,
+            "/v1/chat/completions",
+            chat_body(content, extra),
+        )
+        .await
+    }
+}
+
+fn chat_body(content: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut body = serde_json::json!({
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": content}],
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
 }
 
 /// Content of a non-streaming chat reply.

@@ -428,6 +428,34 @@ impl LlamaModel {
         SeqCache { kv, len: 0 }
     }
 
+    /// A new cache holding `cache`'s first `len` positions (at most its length), for a prompt
+    /// that shares them. `None` on the tensor path, which does not reuse prefixes.
+    pub fn copy_cache_prefix(&self, cache: &SeqCache, len: usize) -> Option<SeqCache> {
+        let Kv::Host(layers) = &cache.kv else {
+            return None;
+        };
+        let len = len.min(cache.len);
+        let width = self.cfg.n_kv_head * self.cfg.head_dim;
+        let layers = layers.iter().map(|kv| kv.prefix(len * width)).collect();
+        Some(SeqCache {
+            kv: Kv::Host(layers),
+            len,
+        })
+    }
+
+    /// Bytes of KV cache that `tokens` positions take in this instance's layers (f16 keys and
+    /// values on the packed path).
+    pub fn cache_bytes(&self, tokens: usize) -> usize {
+        let width = self.cfg.n_kv_head * self.cfg.head_dim;
+        tokens * self.stage.layers.len() * 2 * width * 2
+    }
+
+    /// Whether this instance runs the whole model (embedding, every layer and the head), so
+    /// that a sequence's cache is all of its state.
+    pub fn is_whole(&self) -> bool {
+        self.stage == StageSpec::whole(self.cfg.n_layer)
+    }
+
     /// Whether the layers run on the packed CPU path (quantized weights through the
     /// `kernels` crate) rather than on candle's tensors.
     pub fn is_packed(&self) -> bool {

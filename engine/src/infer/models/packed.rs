@@ -123,6 +123,16 @@ pub struct HostKv {
     v: Vec<u16>,
 }
 
+impl HostKv {
+    /// A copy of the first `values` keys and values (positions times the row width).
+    pub(super) fn prefix(&self, values: usize) -> Self {
+        Self {
+            k: self.k[..values.min(self.k.len())].to_vec(),
+            v: self.v[..values.min(self.v.len())].to_vec(),
+        }
+    }
+}
+
 /// Rotary angles per position, computed as ggml's rope cache does (`theta *= theta_scale`
 /// in f32, then `cosf`/`sinf`), so positions rotate exactly as in llama.cpp.
 pub(super) struct RopeTable {
