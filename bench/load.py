@@ -32,6 +32,16 @@ def pct(xs, p):
 
 
 async def one(client, args, i, results):
+    try:
+        await one_attempt(client, args, i, results)
+    except httpx.RemoteProtocolError:
+        # A keep-alive connection the server closed as the request went out (llama-server's
+        # HTTP library closes a connection after a few requests): nothing was answered, so
+        # the request is sent again on a new connection, as HTTP clients do.
+        await one_attempt(client, args, i, results)
+
+
+async def one_attempt(client, args, i, results):
     body = {"model": args.model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
             "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -64,7 +74,11 @@ async def prompt_pass(client, args, i, results):
     body = {"model": args.model, "messages": [{"role": "user", "content": text}],
             "max_tokens": 1, "temperature": 0}
     start = time.perf_counter()
-    r = await client.post("/v1/chat/completions", json=body)
+    try:
+        r = await client.post("/v1/chat/completions", json=body)
+    except httpx.RemoteProtocolError:  # a closed keep-alive connection, as in `one`
+        start = time.perf_counter()
+        r = await client.post("/v1/chat/completions", json=body)
     r.raise_for_status()
     results.append({"latency": time.perf_counter() - start,
                     "prompt_tokens": r.json()["usage"]["prompt_tokens"]})

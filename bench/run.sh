@@ -16,7 +16,9 @@ PY=.venv/bin/python
 "$PY" -c "import httpx" 2>/dev/null || .venv/bin/pip install --quiet httpx
 LLAMA_BIN=$(bench/build-llama-server.sh)
 cargo build --release -p bulwark >/dev/null
-TMP=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$TMP"' EXIT
+TMP=$(mktemp -d)
+# On failure, the servers' last words before their logs go.
+trap 'rc=$?; [ $rc -ne 0 ] && tail -n 15 "$TMP"/*.log >&2; kill $(jobs -p) 2>/dev/null || true; rm -rf "$TMP"' EXIT
 OUT=$(./target/release/bulwark init --dir "$TMP/srv" --model "$MODEL" --listen 127.0.0.1:18443 --name smollm2)
 KEY=$(echo "$OUT" | tail -n1 | sed 's/^api key: //')
 printf '\n[limits]\nrate_limit_per_minute = 0\n[engine]\nthreads = %s\n' "$NCPU" >> "$TMP/srv/bulwark.toml"
@@ -45,9 +47,11 @@ taskset -c "$CPUS" ./target/release/bulwark serve --config "$TMP/srv/bulwark.tom
 wait_port 18443
 run_server_load bulwark https://127.0.0.1:18443 $BPID --api-key "$KEY" --cacert "$TMP/srv/cert.pem"
 kill $BPID; wait $BPID 2>/dev/null || true
-# The peer as DESIGN.md §8 measured it: 16 slots; 1024 tokens of context each.
+# The peer as DESIGN.md §8 measured it: 16 slots; 1024 tokens of context each. HTTP threads
+# for every client's keep-alive connection: its default (one per core but one) makes the
+# HTTP server close connections that wait for a thread, which clients see as resets.
 taskset -c "$CPUS" "$LLAMA_BIN/llama-server" -m "$MODEL" -a smollm2 --host 127.0.0.1 --port 18800 \
-  -t "$NCPU" -np 16 -c 16384 >"$TMP/llama.log" 2>&1 & LPID=$!
+  -t "$NCPU" -np 16 -c 16384 --threads-http 64 >"$TMP/llama.log" 2>&1 & LPID=$!
 wait_port 18800
 for _ in $(seq 300); do curl -sf http://127.0.0.1:18800/health >/dev/null && break; sleep 0.2; done
 run_server_load llama-server http://127.0.0.1:18800 $LPID
