@@ -19,6 +19,10 @@ const TOKEN_TYPE_USER_DEFINED: i32 = 4;
 /// Llama 3's pre-tokenizer regex (llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`).
 const LLAMA3_PRETOKENIZER_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Qwen2's pre-tokenizer regex (llama.cpp `LLAMA_VOCAB_PRE_TYPE_QWEN2`): Llama 3's with
+/// digits one at a time.
+const QWEN2_PRETOKENIZER_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// The tokenizer and the special tokens the engine needs to know about.
 pub struct ModelTokenizer {
     pub inner: Tokenizer,
@@ -325,19 +329,28 @@ fn pre_tokenizer(pre_kind: &str) -> Result<PreTokenizerWrapper> {
         ])
         .into(),
         "gpt2" | "default" => ByteLevel::new(false, true, true).into(),
-        "llama-bpe" | "llama3" => Sequence::new(vec![
-            Split::new(
-                SplitPattern::Regex(LLAMA3_PRETOKENIZER_REGEX.into()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| anyhow::anyhow!("pre-tokenizer regex: {e}"))?
-            .into(),
-            ByteLevel::new(false, true, false).into(),
-        ])
-        .into(),
-        other => bail!("tokenizer.ggml.pre {other:?} is not supported"),
+        "llama-bpe" | "llama3" => regex_then_bytes(LLAMA3_PRETOKENIZER_REGEX)?,
+        "qwen2" => regex_then_bytes(QWEN2_PRETOKENIZER_REGEX)?,
+        other => bail!(
+            "tokenizer.ggml.pre {other:?} is not supported (supported: smollm, gpt2, default, \
+             llama-bpe, llama3, qwen2)"
+        ),
     })
+}
+
+/// Split on `regex` (matches kept as pieces), then map bytes to GPT-2's byte-level symbols.
+fn regex_then_bytes(regex: &str) -> Result<PreTokenizerWrapper> {
+    Ok(Sequence::new(vec![
+        Split::new(
+            SplitPattern::Regex(regex.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| anyhow::anyhow!("pre-tokenizer regex: {e}"))?
+        .into(),
+        ByteLevel::new(false, true, false).into(),
+    ])
+    .into())
 }
 
 /// Every id that ends a generation: EOS, EOT, and the end-of-turn markers of the common chat
@@ -441,8 +454,42 @@ impl Detokenizer {
 
 #[cfg(test)]
 mod tests {
-    use super::{ModelTokenizer, byte_level_char_to_byte};
+    use super::{ModelTokenizer, byte_level_char_to_byte, pre_tokenizer};
     use crate::model::gguf::GgufFile;
+
+    /// The pieces `pre` cuts `text` into, before byte-level mapping and BPE.
+    fn pieces(pre: &str, text: &str) -> Vec<String> {
+        use tokenizers::{PreTokenizedString, PreTokenizer};
+        let mut s = PreTokenizedString::from(text);
+        pre_tokenizer(pre).unwrap().pre_tokenize(&mut s).unwrap();
+        s.get_splits(
+            tokenizers::OffsetReferential::Original,
+            tokenizers::OffsetType::Byte,
+        )
+        .into_iter()
+        .map(|(piece, _, _)| piece.to_owned())
+        .collect()
+    }
+
+    /// llama.cpp's Qwen2 pre-tokenizer takes digits one at a time where Llama 3's takes up to
+    /// three; both keep contractions and spaced words whole.
+    #[test]
+    fn qwen2_splits_digits_singly_and_llama3_in_threes() {
+        let q = pieces("qwen2", "I'll pay 12345 now");
+        let l = pieces("llama3", "I'll pay 12345 now");
+        assert_eq!(q.len(), l.len() + 3, "{q:?} vs {l:?}");
+        assert!(
+            q.iter()
+                .filter(|p| p.len() == 1 && p.chars().all(|c| c.is_ascii_digit()))
+                .count()
+                == 5,
+            "{q:?}"
+        );
+        assert!(
+            pre_tokenizer("qwen3").is_err(),
+            "an unknown pre-tokenizer is refused"
+        );
+    }
 
     /// The demo model's tokenizer metadata with a 673-token vocabulary (the fuzz seed, made by
     /// fuzz/seeds/make_tiny_gguf.py).

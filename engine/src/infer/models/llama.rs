@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::embedding::Embedding;
 use super::packed::{self, HostKv, PackedLayer, Projection, RopeTable, Shape, Span};
-use crate::model::arch::{LlamaConfig, WeightFormat};
+use crate::model::arch::{LlamaConfig, RopePairs, WeightFormat};
 use crate::model::gguf::GgufFile;
 
 fn linear(q: QTensor, format: WeightFormat, device: &Device) -> Result<QMatMul> {
@@ -67,12 +67,37 @@ struct Block {
     w_gate: QMatMul,
     w_up: QMatMul,
     w_down: QMatMul,
+    /// `(bq, bk, bv)` (Qwen2).
+    qkv_bias: Option<(Tensor, Tensor, Tensor)>,
+    /// Per-head RMS norm weights of Q and K (Qwen3).
+    qk_norm: Option<(Tensor, Tensor)>,
 }
 
 impl Block {
-    fn load(gguf: &mut GgufFile, i: usize, format: WeightFormat, dev: &Device) -> Result<Self> {
+    fn load(
+        gguf: &mut GgufFile,
+        i: usize,
+        cfg: &LlamaConfig,
+        format: WeightFormat,
+        dev: &Device,
+    ) -> Result<Self> {
+        let extras = LayerExtras::load(gguf, i, cfg)?;
+        let vector = |v: Vec<f32>| -> Result<Tensor> {
+            let n = v.len();
+            Ok(Tensor::from_vec(v, n, dev)?)
+        };
+        let qkv_bias = match extras.qkv_bias {
+            Some([q, k, v]) => Some((vector(q)?, vector(k)?, vector(v)?)),
+            None => None,
+        };
+        let qk_norm = match extras.qk_norm {
+            Some((q, k)) => Some((vector(q)?, vector(k)?)),
+            None => None,
+        };
         let mut t = |name: &str| gguf.tensor(&format!("blk.{i}.{name}.weight"), dev);
         Ok(Self {
+            qkv_bias,
+            qk_norm,
             attn_norm: t("attn_norm")?.dequantize(dev)?,
             wq: linear(t("attn_q")?, format, dev)?,
             wk: linear(t("attn_k")?, format, dev)?,
@@ -86,15 +111,53 @@ impl Block {
     }
 }
 
+/// A layer's small tensors (norms, biases), dequantized to plain values.
+fn values(gguf: &mut GgufFile, name: &str) -> Result<Vec<f32>> {
+    let t = gguf.tensor(name, &Device::Cpu)?;
+    Ok(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+}
+
+/// Layer `i`'s extra tensors by architecture: the Q, K and V biases (Qwen2) and the per-head
+/// Q and K norms (Qwen3). Required when the architecture has them.
+struct LayerExtras {
+    qkv_bias: Option<[Vec<f32>; 3]>,
+    qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl LayerExtras {
+    fn load(gguf: &mut GgufFile, i: usize, cfg: &LlamaConfig) -> Result<Self> {
+        let name = |t: &str| format!("blk.{i}.{t}");
+        let qkv_bias = if cfg.arch.has_qkv_bias() {
+            Some([
+                values(gguf, &name("attn_q.bias"))?,
+                values(gguf, &name("attn_k.bias"))?,
+                values(gguf, &name("attn_v.bias"))?,
+            ])
+        } else {
+            None
+        };
+        let qk_norm = if cfg.arch.has_qk_norm() {
+            Some((
+                values(gguf, &name("attn_q_norm.weight"))?,
+                values(gguf, &name("attn_k_norm.weight"))?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self { qkv_bias, qk_norm })
+    }
+}
+
 /// `None` when one of the layer's matrices is in a format or shape the kernels lack.
-fn load_packed_layer(gguf: &mut GgufFile, i: usize) -> Result<Option<PackedLayer>> {
+fn load_packed_layer(
+    gguf: &mut GgufFile,
+    i: usize,
+    cfg: &LlamaConfig,
+) -> Result<Option<PackedLayer>> {
     let cpu = Device::Cpu;
     let mut t = |name: &str| gguf.tensor(&format!("blk.{i}.{name}.weight"), &cpu);
     let (q, k, v, o) = (t("attn_q")?, t("attn_k")?, t("attn_v")?, t("attn_output")?);
     let (gate, up, down) = (t("ffn_gate")?, t("ffn_up")?, t("ffn_down")?);
-    let norm =
-        |t: QTensor| -> Result<Vec<f32>> { Ok(t.dequantize(&cpu)?.flatten_all()?.to_vec1()?) };
-    let (attn_norm, ffn_norm) = (norm(t("attn_norm")?)?, norm(t("ffn_norm")?)?);
     let (Some(qkv), Some(wo), Some(gate_up), Some(down)) = (
         Projection::pack(&[&q, &k, &v])?,
         Projection::pack(&[&o])?,
@@ -103,11 +166,14 @@ fn load_packed_layer(gguf: &mut GgufFile, i: usize) -> Result<Option<PackedLayer
     ) else {
         return Ok(None);
     };
+    let extras = LayerExtras::load(gguf, i, cfg)?;
     Ok(Some(PackedLayer {
-        attn_norm,
+        attn_norm: values(gguf, &format!("blk.{i}.attn_norm.weight"))?,
         qkv,
+        qkv_bias: extras.qkv_bias.map(|b| b.concat()),
+        qk_norm: extras.qk_norm,
         wo,
-        ffn_norm,
+        ffn_norm: values(gguf, &format!("blk.{i}.ffn_norm.weight"))?,
         gate_up,
         down,
     }))
@@ -126,7 +192,7 @@ fn load_layers(
         let shape = Shape::of(cfg);
         let mut packed = Vec::with_capacity(stage.layers.len());
         for i in stage.layers.clone() {
-            match load_packed_layer(gguf, i)? {
+            match load_packed_layer(gguf, i, cfg)? {
                 Some(layer) => {
                     layer.check(&shape).with_context(|| format!("layer {i}"))?;
                     packed.push(layer);
@@ -148,7 +214,7 @@ fn load_layers(
     let blocks = stage
         .layers
         .clone()
-        .map(|i| Block::load(gguf, i, format, device))
+        .map(|i| Block::load(gguf, i, cfg, format, device))
         .collect::<Result<Vec<_>>>()?;
     Ok(Layers::Tensors(blocks))
 }
@@ -330,7 +396,16 @@ impl LlamaModel {
         device: &Device,
         max_seq_len: usize,
     ) -> Result<Self> {
-        let cfg = LlamaConfig::from_gguf(gguf)?;
+        let mut cfg = LlamaConfig::from_gguf(gguf)?;
+        if gguf.has_tensor("rope_freqs.weight") {
+            let freqs = values(gguf, "rope_freqs.weight")?;
+            ensure!(
+                freqs.len() == cfg.head_dim / 2 && freqs.iter().all(|f| f.is_finite() && *f > 0.0),
+                "rope_freqs.weight must hold {} positive factors",
+                cfg.head_dim / 2
+            );
+            cfg.rope_freqs = Some(freqs);
+        }
         ensure!(
             stage.layers.start <= stage.layers.end && stage.layers.end <= cfg.n_layer,
             "layers {:?} are outside the model's {} layers",
@@ -384,7 +459,10 @@ impl LlamaModel {
 
         let half = cfg.head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
+            .map(|i| {
+                let factor = cfg.rope_freqs.as_ref().map_or(1.0, |f| f[i]);
+                1.0 / (cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32) * factor)
+            })
             .collect();
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
         let pos = Tensor::arange(0u32, max_seq_len as u32, device)?
@@ -638,11 +716,33 @@ impl LlamaModel {
                 .contiguous()?
                 .unsqueeze(0)?)
         };
-        let q = heads(candle_forward(&b.wq, &h)?, c.n_head)?;
-        let k = heads(candle_forward(&b.wk, &h)?, c.n_kv_head)?;
-        let v = heads(candle_forward(&b.wv, &h)?, c.n_kv_head)?.squeeze(0)?;
-        let q = candle_nn::rotary_emb::rope_i(&q, cos, sin)?.squeeze(0)?;
-        let k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?.squeeze(0)?;
+        let (mut q, mut k, mut v) = (
+            candle_forward(&b.wq, &h)?,
+            candle_forward(&b.wk, &h)?,
+            candle_forward(&b.wv, &h)?,
+        );
+        if let Some((bq, bk, bv)) = &b.qkv_bias {
+            (q, k, v) = (
+                q.broadcast_add(bq)?,
+                k.broadcast_add(bk)?,
+                v.broadcast_add(bv)?,
+            );
+        }
+        let (mut q, mut k) = (heads(q, c.n_head)?, heads(k, c.n_kv_head)?);
+        let v = heads(v, c.n_kv_head)?.squeeze(0)?;
+        if let Some((qn, kn)) = &b.qk_norm {
+            let eps = c.rms_eps as f32;
+            (q, k) = (
+                candle_nn::ops::rms_norm(&q.contiguous()?, qn, eps)?,
+                candle_nn::ops::rms_norm(&k.contiguous()?, kn, eps)?,
+            );
+        }
+        let rope = match c.arch.rope_pairs() {
+            RopePairs::Adjacent => candle_nn::rotary_emb::rope_i,
+            RopePairs::Halves => candle_nn::rotary_emb::rope,
+        };
+        let q = rope(&q.contiguous()?, cos, sin)?.squeeze(0)?;
+        let k = rope(&k.contiguous()?, cos, sin)?.squeeze(0)?;
 
         let group = c.n_head / c.n_kv_head;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
@@ -684,7 +784,7 @@ impl LlamaModel {
         let o = Tensor::cat(&outs, 1)?
             .transpose(0, 1)?
             .contiguous()?
-            .reshape((n, c.hidden))?;
+            .reshape((n, c.q_width()))?;
         let x = (x + candle_forward(&b.wo, &o)?)?;
         let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, c.rms_eps as f32)?;
         let gate = candle_nn::ops::silu(&candle_forward(&b.w_gate, &h)?)?;

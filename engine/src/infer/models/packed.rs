@@ -20,7 +20,7 @@ use anyhow::{Context, Result, ensure};
 use candle_core::quantized::{GgmlDType, QTensor};
 use rayon::prelude::*;
 
-use crate::model::arch::LlamaConfig;
+use crate::model::arch::{LlamaConfig, RopePairs};
 
 /// Matrices whose rows share an input, packed as one matrix of their rows stacked, with its
 /// output rows split once across the compute pool (tile-aligned ranges).
@@ -107,6 +107,10 @@ pub(super) struct PackedLayer {
     pub(super) attn_norm: Vec<f32>,
     /// `[wq; wk; wv]`: one product gives the queries, keys and values of every row.
     pub(super) qkv: Projection,
+    /// `[bq; bk; bv]` (Qwen2).
+    pub(super) qkv_bias: Option<Vec<f32>>,
+    /// RMS norm weights applied to each head of Q and of K before the rotation (Qwen3).
+    pub(super) qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     pub(super) wo: Projection,
     pub(super) ffn_norm: Vec<f32>,
     /// `[w_gate; w_up]`.
@@ -134,9 +138,11 @@ impl HostKv {
 }
 
 /// Rotary angles per position, computed as ggml's rope cache does (`theta *= theta_scale`
-/// in f32, then `cosf`/`sinf`), so positions rotate exactly as in llama.cpp.
+/// in f32, divided by the pair's frequency factor when the model has them, then
+/// `cosf`/`sinf`), so positions rotate exactly as in llama.cpp.
 pub(super) struct RopeTable {
     half: usize,
+    pairs: RopePairs,
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
@@ -149,25 +155,40 @@ impl RopeTable {
         let mut sin = Vec::with_capacity(max_seq_len * half);
         for pos in 0..max_seq_len {
             let mut theta = pos as f32;
-            for _ in 0..half {
-                cos.push(theta.cos());
-                sin.push(theta.sin());
+            for i in 0..half {
+                let factor = cfg.rope_freqs.as_ref().map_or(1.0, |f| f[i]);
+                cos.push((theta / factor).cos());
+                sin.push((theta / factor).sin());
                 theta *= theta_scale;
             }
         }
-        Self { half, cos, sin }
+        Self {
+            half,
+            pairs: cfg.arch.rope_pairs(),
+            cos,
+            sin,
+        }
     }
 
-    /// Rotates every head of `x` (heads of `2·half` values, adjacent pairs: Llama's layout in
-    /// GGUF) for position `pos`.
+    /// Rotates every head of `x` (heads of `2·half` values) for position `pos`, pairing
+    /// dimensions as the architecture does.
     fn rotate(&self, x: &mut [f32], pos: usize) {
         let at = pos * self.half;
         let (cos, sin) = (&self.cos[at..at + self.half], &self.sin[at..at + self.half]);
+        let turn = |x0: f32, x1: f32, c: f32, s: f32| (x0 * c - x1 * s, x0 * s + x1 * c);
         for head in x.chunks_exact_mut(2 * self.half) {
-            for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
-                let (x0, x1) = (pair[0], pair[1]);
-                pair[0] = x0 * c - x1 * s;
-                pair[1] = x0 * s + x1 * c;
+            match self.pairs {
+                RopePairs::Adjacent => {
+                    for ((pair, &c), &s) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+                        (pair[0], pair[1]) = turn(pair[0], pair[1], c, s);
+                    }
+                }
+                RopePairs::Halves => {
+                    let (lo, hi) = head.split_at_mut(self.half);
+                    for (((a, b), &c), &s) in lo.iter_mut().zip(hi).zip(cos).zip(sin) {
+                        (*a, *b) = turn(*a, *b, c, s);
+                    }
+                }
             }
         }
     }
@@ -255,6 +276,18 @@ impl PackedLayer {
                 && self.down.n_out() == s.hidden,
             "layer projections do not match the model's shape"
         );
+        ensure!(
+            self.qkv_bias
+                .as_ref()
+                .is_none_or(|b| b.len() == self.qkv.n_out()),
+            "the Q, K and V biases do not match their projections"
+        );
+        ensure!(
+            self.qk_norm
+                .as_ref()
+                .is_none_or(|(q, k)| q.len() == s.head_dim && k.len() == s.head_dim),
+            "the Q and K norms are not one head long"
+        );
         Ok(())
     }
 }
@@ -282,6 +315,14 @@ pub(super) fn run_layers(
     for (li, layer) in layers.iter().enumerate() {
         rms_norm(x, &layer.attn_norm, shape.eps, &mut s.normed);
         layer.qkv.apply(&s.normed, &mut s.acts, &mut s.qkv)?;
+        if let Some(bias) = &layer.qkv_bias {
+            s.qkv
+                .chunks_exact_mut(bias.len())
+                .for_each(|row| add_into(row, bias));
+        }
+        if let Some((q_norm, k_norm)) = &layer.qk_norm {
+            norm_heads(shape, &mut s.qkv, q_norm, k_norm);
+        }
         rotate_and_cache(shape, rope, &mut s.qkv, spans, caches, li);
         attention(shape, &s.qkv, spans, caches, li, &mut s.attn);
         layer.wo.apply(&s.attn, &mut s.acts, &mut s.proj)?;
@@ -296,6 +337,21 @@ pub(super) fn run_layers(
         add_into(x, &s.proj);
     }
     Ok(())
+}
+
+/// RMS norm of each query head and each key head of every row of `[q | k | v]`, in place.
+fn norm_heads(shape: &Shape, qkv: &mut [f32], q_norm: &[f32], k_norm: &[f32]) {
+    let (qw, kw, d) = (shape.q_width(), shape.kv_width(), shape.head_dim);
+    let mut head = vec![0.0; d];
+    for row in qkv.chunks_exact_mut(qw + 2 * kw) {
+        let (q, rest) = row.split_at_mut(qw);
+        for (part, weight) in [(q, q_norm), (&mut rest[..kw], k_norm)] {
+            for h in part.chunks_exact_mut(d) {
+                rms_norm(h, weight, shape.eps, &mut head);
+                h.copy_from_slice(&head);
+            }
+        }
+    }
 }
 
 /// `silu(gate) · up` per row of `[gate | up]`.
