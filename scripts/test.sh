@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 ./scripts/nix-check.sh
 ./scripts/fetch-model.sh >/dev/null
+# The tiny per-architecture models the llama.cpp comparison runs on (tests/models/).
+BULWARK_FIXTURES=$(.venv/bin/python tests/models/make_fixtures.py)
+export BULWARK_FIXTURES
 cargo fmt --all --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo build --release --workspace

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Record what llama.cpp computes on the fixture models, one reference per architecture.
+
+For each fixture that make_fixtures.py writes, llama.cpp's own `llama-server` tokenizes three
+prompts (special tokens parsed) and decodes 8 tokens greedily from each, reporting the first
+step's five most likely tokens and, at every step, the chosen token with the two most likely
+and their log-probabilities. Bulwark's test loads the same fixture, and compares only when the
+fixture's sha256 is the one recorded here: different bytes are a different model.
+
+The server runs as for the demo model's reference: flash attention off (f16 KV cache), one
+slot, two threads, no prompt cache.
+
+Usage: python make_reference.py LLAMA_BIN_DIR FIXTURES_DIR > engine/tests/data/families-reference.json
+LLAMA_BIN_DIR is what bench/build-llama-server.sh prints; FIXTURES_DIR what make_fixtures.py prints.
+"""
+import hashlib
+import json
+import pathlib
+import subprocess
+import sys
+import time
+import urllib.request
+
+STEPS = 8
+TOP_FIRST = 5
+PORT = 18803
+FIXTURES = [("llama.gguf", "llama"), ("llama3-rope.gguf", "llama"),
+            ("qwen2.gguf", "qwen2"), ("qwen3.gguf", "qwen3")]
+PROMPTS = ["<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n",
+           "The quick brown fox",
+           "Once upon a time, in a land far away,"]
+
+
+def post(path, body):
+    req = urllib.request.Request(f"http://127.0.0.1:{PORT}{path}", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.load(r)
+
+
+def wait_ready(proc):
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise SystemExit("llama-server exited during start-up")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("llama-server did not become ready")
+
+
+def pairs(top):
+    # six decimals is float32's precision at these magnitudes, and keeps the file small
+    return [[t["id"], round(t["logprob"], 6)] for t in top]
+
+
+def reference(bin_dir, path):
+    proc = subprocess.Popen([str(bin_dir / "llama-server"), "-m", str(path), "--host", "127.0.0.1",
+                             "--port", str(PORT), "-t", "2", "-np", "1", "-c", "512", "-fa", "off"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(proc)
+        cases = []
+        for text in PROMPTS:
+            ids = post("/tokenize", {"content": text, "parse_special": True})["tokens"]
+            r = post("/completion", {"prompt": ids, "n_predict": STEPS, "temperature": 0,
+                                     "n_probs": TOP_FIRST, "cache_prompt": False})
+            probs = r["completion_probabilities"]
+            cases.append({"text": text, "prompt_ids": ids,
+                          "first_top5": pairs(probs[0]["top_logprobs"]),
+                          "steps": [{"id": p["id"], "top2": pairs(p["top_logprobs"][:2])}
+                                    for p in probs]})
+        return cases
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def main():
+    bin_dir, fixtures = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+    out = {"generator": "llama-server (llama.cpp vendored in llama-cpp-python 0.3.36), -fa off, "
+                        "fixtures from tests/models/make_fixtures.py",
+           "fixtures": []}
+    for name, arch in FIXTURES:
+        path = fixtures / name
+        out["fixtures"].append({"file": name,
+                                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                                "architecture": arch, "cases": reference(bin_dir, path)})
+    # one line per case keeps the file a few KB and its diffs readable
+    lines = ["{", f' "generator": {json.dumps(out["generator"])},', ' "fixtures": [']
+    for i, fixture in enumerate(out["fixtures"]):
+        head = {k: v for k, v in fixture.items() if k != "cases"}
+        lines.append("  " + json.dumps(head)[:-1] + ', "cases": [')
+        cases = [json.dumps(c, ensure_ascii=False) for c in fixture["cases"]]
+        lines.append(",\n".join("   " + c for c in cases))
+        lines.append("  ]}" + ("," if i + 1 < len(out["fixtures"]) else ""))
+    lines += [" ]", "}"]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
