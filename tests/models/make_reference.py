@@ -16,10 +16,10 @@ LLAMA_BIN_DIR is what bench/build-llama-server.sh prints; FIXTURES_DIR what make
 import hashlib
 import json
 import pathlib
-import subprocess
 import sys
-import time
-import urllib.request
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "reference"))
+import llama_server  # noqa: E402  (tests/reference/llama_server.py)
 
 STEPS = 8
 TOP_FIRST = 5
@@ -31,52 +31,25 @@ PROMPTS = ["<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n",
            "Once upon a time, in a land far away,"]
 
 
-def post(path, body):
-    req = urllib.request.Request(f"http://127.0.0.1:{PORT}{path}", data=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.load(r)
-
-
-def wait_ready(proc):
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise SystemExit("llama-server exited during start-up")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("llama-server did not become ready")
-
-
 def pairs(top):
     # six decimals is float32's precision at these magnitudes, and keeps the file small
     return [[t["id"], round(t["logprob"], 6)] for t in top]
 
 
 def reference(bin_dir, path):
-    proc = subprocess.Popen([str(bin_dir / "llama-server"), "-m", str(path), "--host", "127.0.0.1",
-                             "--port", str(PORT), "-t", "2", "-np", "1", "-c", "512", "-fa", "off"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(proc)
+    with llama_server.running(bin_dir, path, PORT, "-t", "2", "-np", "1", "-c", "512",
+                              "-fa", "off") as server:
         cases = []
         for text in PROMPTS:
-            ids = post("/tokenize", {"content": text, "parse_special": True})["tokens"]
-            r = post("/completion", {"prompt": ids, "n_predict": STEPS, "temperature": 0,
-                                     "n_probs": TOP_FIRST, "cache_prompt": False})
+            ids = server.post("/tokenize", {"content": text, "parse_special": True})["tokens"]
+            r = server.post("/completion", {"prompt": ids, "n_predict": STEPS, "temperature": 0,
+                                            "n_probs": TOP_FIRST, "cache_prompt": False})
             probs = r["completion_probabilities"]
             cases.append({"text": text, "prompt_ids": ids,
                           "first_top5": pairs(probs[0]["top_logprobs"]),
                           "steps": [{"id": p["id"], "top2": pairs(p["top_logprobs"][:2])}
                                     for p in probs]})
         return cases
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 def main():

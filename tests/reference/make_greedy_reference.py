@@ -16,51 +16,26 @@ LLAMA_BIN_DIR is what bench/build-llama-server.sh prints.
 """
 import json
 import pathlib
-import subprocess
 import sys
-import time
-import urllib.request
+
+import llama_server  # tests/reference/llama_server.py
 
 STEPS = 32
 PORT = 18802
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def post(path, body):
-    req = urllib.request.Request(f"http://127.0.0.1:{PORT}{path}", data=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.load(r)
-
-
-def wait_ready(proc):
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise SystemExit("llama-server exited during start-up")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("llama-server did not become ready")
-
-
 def main():
     bin_dir, model = pathlib.Path(sys.argv[1]), sys.argv[2]
     cases = json.loads((ROOT / "engine/tests/data/llamacpp-reference.json").read_text())["chat"]
-    proc = subprocess.Popen([str(bin_dir / "llama-server"), "-m", model, "--host", "127.0.0.1",
-                             "--port", str(PORT), "-t", "2", "-np", "1", "-c", "2048", "-fa", "off"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(proc)
+    with llama_server.running(bin_dir, model, PORT, "-t", "2", "-np", "1", "-c", "2048",
+                              "-fa", "off") as server:
         out = {"generator": "llama-server (llama.cpp vendored in llama-cpp-python 0.3.36), -fa off",
                "model_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
                "cases": []}
         for case in cases:
-            r = post("/completion", {"prompt": case["prompt_ids"], "n_predict": STEPS,
-                                     "temperature": 0, "n_probs": 2, "cache_prompt": False})
+            r = server.post("/completion", {"prompt": case["prompt_ids"], "n_predict": STEPS,
+                                            "temperature": 0, "n_probs": 2, "cache_prompt": False})
             steps = [{"id": p["id"], "top2": [[t["id"], t["logprob"]] for t in p["top_logprobs"]]}
                      for p in r["completion_probabilities"]]
             # llama-server and llama-cpp-python run the same llama.cpp; where their first-step
@@ -70,9 +45,6 @@ def main():
             consistent = all(abs(first.get(i, 0.0) - lp) < 0.01 for i, lp in steps[0]["top2"])
             out["cases"].append({"prompt_ids": case["prompt_ids"], "text": r["content"],
                                  "consistent": consistent, "steps": steps})
-    finally:
-        proc.terminate()
-        proc.wait()
     json.dump(out, sys.stdout, indent=1, ensure_ascii=False)
     print()
 
