@@ -158,7 +158,18 @@ pub async fn handle(
         return Ok(openai::stream(state, ctx, rx, fmt, include_usage));
     }
     let c = openai::collect(rx, ctx).await?;
-    let lp = if logprobs.is_some() {
+    Ok(whole_response(&c, id, created, model, logprobs.is_some()))
+}
+
+/// The non-streaming answer: one `text_completion` with usage.
+fn whole_response(
+    c: &openai::Collected,
+    id: String,
+    created: u64,
+    model: String,
+    want_logprobs: bool,
+) -> Handled {
+    let lp = if want_logprobs {
         legacy_logprobs(&c.logprobs, 0)
     } else {
         Value::Null
@@ -168,11 +179,11 @@ pub async fn handle(
         "choices": [{ "text": c.text, "index": 0, "logprobs": lp, "finish_reason": c.finish.as_str() }],
         "usage": openai::usage(c.prompt_tokens, c.completion_tokens),
     });
-    Ok(Handled::json(
+    Handled::json(
         StatusCode::OK,
         &body,
         (c.prompt_tokens, c.completion_tokens),
-    ))
+    )
 }
 
 /// The completions API's column-wise logprobs shape.

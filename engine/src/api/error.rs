@@ -102,96 +102,87 @@ impl ApiError {
         }
     }
 
+    /// The OpenAI error shape: `{"error": {"message", "type", "param", "code"}}`.
     pub fn body(&self) -> serde_json::Value {
-        let (message, kind, param, code): (String, &str, Option<&str>, Option<&str>) = match self {
-            Self::Unauthorized => (
-                "A valid API key is required: send `Authorization: Bearer <key>`.".into(),
-                "invalid_request_error",
-                None,
-                Some("invalid_api_key"),
+        json!({ "error": {
+            "message": self.message(),
+            "type": self.kind(),
+            "param": self.param(),
+            "code": self.code(),
+        } })
+    }
+
+    /// OpenAI's error `type`.
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::RateLimited { .. } => "rate_limit_error",
+            Self::Overloaded { .. } | Self::StageUnavailable | Self::Internal => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// The request parameter at fault, named as the endpoint names it.
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            Self::InvalidRequest { param, .. } => *param,
+            Self::ModelNotFound { .. } => Some("model"),
+            _ => None,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Self::Unauthorized => "invalid_api_key",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
+            Self::InvalidRequest { code, .. } => code,
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::HeadersTooLarge { .. } => "headers_too_large",
+            Self::BodyTimeout { .. } => "body_timeout",
+            Self::RateLimited { .. } => "rate_limit_exceeded",
+            Self::Overloaded { .. } => "overloaded",
+            Self::ModelNotFound { .. } => "model_not_found",
+            Self::StageUnavailable => "pipeline_unavailable",
+            Self::Internal => "internal_error",
+        }
+    }
+
+    /// What went wrong, naming the configuration key of a limit and when to retry.
+    fn message(&self) -> String {
+        match self {
+            Self::Unauthorized => {
+                "A valid API key is required: send `Authorization: Bearer <key>`.".into()
+            }
+            Self::NotFound => "Not found.".into(),
+            Self::MethodNotAllowed { allow } => {
+                format!("Method not allowed; this route accepts {allow}.")
+            }
+            Self::InvalidRequest { message, .. } | Self::HeadersTooLarge { message } => {
+                message.clone()
+            }
+            Self::UnsupportedMediaType => "Content-Type must be application/json.".into(),
+            Self::BodyTooLarge { limit } => {
+                format!("Request body exceeds limits.max_body_bytes ({limit} bytes).")
+            }
+            Self::BodyTimeout { secs } => format!(
+                "The request body did not arrive within limits.body_read_timeout_secs ({secs} s)."
             ),
-            Self::NotFound => (
-                "Not found.".into(),
-                "invalid_request_error",
-                None,
-                Some("not_found"),
+            Self::RateLimited { retry_after_secs } => format!(
+                "Rate limit for this key (limits.rate_limit_per_minute) reached; retry in \
+                 {retry_after_secs} s."
             ),
-            Self::MethodNotAllowed { allow } => (
-                format!("Method not allowed; this route accepts {allow}."),
-                "invalid_request_error",
-                None,
-                Some("method_not_allowed"),
+            Self::Overloaded { what } => {
+                format!("Server is at {what}; retry in {RETRY_AFTER_SECS} s.")
+            }
+            Self::ModelNotFound { model } => format!(
+                "The model {model:?} does not exist; GET /v1/models lists the models served."
             ),
-            Self::InvalidRequest {
-                message,
-                param,
-                code,
-            } => (message.clone(), "invalid_request_error", *param, Some(code)),
-            Self::UnsupportedMediaType => (
-                "Content-Type must be application/json.".into(),
-                "invalid_request_error",
-                None,
-                Some("unsupported_media_type"),
+            Self::StageUnavailable => format!(
+                "The model is temporarily unavailable (a pipeline stage is down); retry in \
+                 {RETRY_AFTER_SECS} s."
             ),
-            Self::BodyTooLarge { limit } => (
-                format!("Request body exceeds limits.max_body_bytes ({limit} bytes)."),
-                "invalid_request_error",
-                None,
-                Some("body_too_large"),
-            ),
-            Self::HeadersTooLarge { message } => (
-                message.clone(),
-                "invalid_request_error",
-                None,
-                Some("headers_too_large"),
-            ),
-            Self::BodyTimeout { secs } => (
-                format!(
-                    "The request body did not arrive within limits.body_read_timeout_secs ({secs} s)."
-                ),
-                "invalid_request_error",
-                None,
-                Some("body_timeout"),
-            ),
-            Self::RateLimited { retry_after_secs } => (
-                format!(
-                    "Rate limit for this key (limits.rate_limit_per_minute) reached; retry in \
-                     {retry_after_secs} s."
-                ),
-                "rate_limit_error",
-                None,
-                Some("rate_limit_exceeded"),
-            ),
-            Self::Overloaded { what } => (
-                format!("Server is at {what}; retry in {RETRY_AFTER_SECS} s."),
-                "server_error",
-                None,
-                Some("overloaded"),
-            ),
-            Self::ModelNotFound { model } => (
-                format!(
-                    "The model {model:?} does not exist; GET /v1/models lists the models served."
-                ),
-                "invalid_request_error",
-                Some("model"),
-                Some("model_not_found"),
-            ),
-            Self::StageUnavailable => (
-                format!(
-                    "The model is temporarily unavailable (a pipeline stage is down); retry in \
-                     {RETRY_AFTER_SECS} s."
-                ),
-                "server_error",
-                None,
-                Some("pipeline_unavailable"),
-            ),
-            Self::Internal => (
-                "The server failed to process the request.".into(),
-                "server_error",
-                None,
-                Some("internal_error"),
-            ),
-        };
-        json!({ "error": { "message": message, "type": kind, "param": param, "code": code } })
+            Self::Internal => "The server failed to process the request.".into(),
+        }
     }
 }

@@ -365,6 +365,60 @@ fn sse(v: &serde_json::Value) -> Bytes {
     Bytes::from(format!("data: {v}\n\n"))
 }
 
+/// The JSON chunks one scheduler event becomes; counts tokens into `ctx` and sets the status
+/// the request will be logged with.
+fn frames_of(
+    ev: Event,
+    fmt: &mut impl ChunkFormat,
+    ctx: &mut RequestCtx,
+    include_usage: bool,
+    status: &mut u16,
+) -> Vec<serde_json::Value> {
+    match ev {
+        Event::Delta {
+            text,
+            logprobs,
+            tokens,
+        } => {
+            ctx.completion_tokens += tokens;
+            fmt.delta(&text, &logprobs).into_iter().collect()
+        }
+        Event::Done {
+            finish,
+            prompt_tokens,
+            completion_tokens,
+        } => {
+            (ctx.prompt_tokens, ctx.completion_tokens) = (prompt_tokens, completion_tokens);
+            let mut v = vec![fmt.finish(finish)];
+            if include_usage {
+                v.push(fmt.usage(prompt_tokens, completion_tokens));
+            }
+            v
+        }
+        Event::Failed => {
+            *status = 500;
+            vec![ApiError::Internal.body()]
+        }
+        Event::Unavailable => {
+            *status = 503;
+            vec![ApiError::StageUnavailable.body()]
+        }
+    }
+}
+
+/// A 200 `text/event-stream` response whose body is the frames sent on `body_rx`.
+fn event_stream_response(body_rx: mpsc::Receiver<Bytes>) -> Response<ApiBody> {
+    let mut r = Response::new(ApiBody::Stream(body_rx));
+    *r.status_mut() = StatusCode::OK;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
+
 /// Start streaming: a task forwards events as SSE frames and logs the request when it ends.
 /// A client that goes away closes the body channel; the task then drops the event receiver,
 /// which tells the scheduler to free the slot.
@@ -391,36 +445,7 @@ pub fn stream(
         }
         let mut status = 200;
         while let Some(ev) = rx.recv().await {
-            let frames: Vec<serde_json::Value> = match ev {
-                Event::Delta {
-                    text,
-                    logprobs,
-                    tokens,
-                } => {
-                    ctx.completion_tokens += tokens;
-                    fmt.delta(&text, &logprobs).into_iter().collect()
-                }
-                Event::Done {
-                    finish,
-                    prompt_tokens,
-                    completion_tokens,
-                } => {
-                    (ctx.prompt_tokens, ctx.completion_tokens) = (prompt_tokens, completion_tokens);
-                    let mut v = vec![fmt.finish(finish)];
-                    if include_usage {
-                        v.push(fmt.usage(prompt_tokens, completion_tokens));
-                    }
-                    v
-                }
-                Event::Failed => {
-                    status = 500;
-                    vec![ApiError::Internal.body()]
-                }
-                Event::Unavailable => {
-                    status = 503;
-                    vec![ApiError::StageUnavailable.body()]
-                }
-            };
+            let frames = frames_of(ev, &mut fmt, &mut ctx, include_usage, &mut status);
             for f in frames {
                 match send(sse(&f)).await {
                     Ok(Ok(())) => {}
@@ -441,14 +466,7 @@ pub fn stream(
         let _ = send(Bytes::from_static(b"data: [DONE]\n\n")).await;
         ctx.log(status);
     });
-    let mut r = Response::new(ApiBody::Stream(body_rx));
-    *r.status_mut() = StatusCode::OK;
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    let r = event_stream_response(body_rx);
     Handled {
         response: r,
         logged: true,

@@ -241,6 +241,88 @@ fn load_head(
     Ok(Head::Tensors(norm.dequantize(device)?, lm_head))
 }
 
+/// `rope_freqs.weight` (Llama 3.1+ rope scaling) when the model has it, checked.
+fn read_rope_freqs(gguf: &mut GgufFile, cfg: &LlamaConfig) -> Result<Option<Vec<f32>>> {
+    if !gguf.has_tensor("rope_freqs.weight") {
+        return Ok(None);
+    }
+    let freqs = values(gguf, "rope_freqs.weight")?;
+    ensure!(
+        freqs.len() == cfg.head_dim / 2 && freqs.iter().all(|f| f.is_finite() && *f > 0.0),
+        "rope_freqs.weight must hold {} positive factors",
+        cfg.head_dim / 2
+    );
+    Ok(Some(freqs))
+}
+
+/// The rotary tables of the tensor path: `cos` and `sin` of every position's angles,
+/// `[max_seq_len, head_dim / 2]`.
+fn rope_tensors(
+    cfg: &LlamaConfig,
+    max_seq_len: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| {
+            let factor = cfg.rope_freqs.as_ref().map_or(1.0, |f| f[i]);
+            1.0 / (cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32) * factor)
+        })
+        .collect();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let pos = Tensor::arange(0u32, max_seq_len as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((max_seq_len, 1))?;
+    let freqs = pos.broadcast_mul(&inv_freq)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+/// The embedding (first stage) and the final norm with the LM head (last stage). A stage
+/// without the embedding still reads `token_embd.weight` when it is the head's (tied).
+fn load_ends(
+    gguf: &mut GgufFile,
+    stage: &StageSpec,
+    cfg: &LlamaConfig,
+    format: WeightFormat,
+    packed: bool,
+    device: &Device,
+) -> Result<(Option<Embedding>, Option<Head>)> {
+    let tied = !gguf.has_tensor("output.weight");
+    let embed_q = if stage.embed || (stage.head && tied) {
+        let q = gguf.tensor("token_embd.weight", device)?;
+        ensure!(
+            q.shape().dims() == [cfg.vocab, cfg.hidden],
+            "token_embd.weight has shape {:?}, expected [{}, {}]",
+            q.shape().dims(),
+            cfg.vocab,
+            cfg.hidden
+        );
+        Some(q)
+    } else {
+        None
+    };
+    let embed = match (&embed_q, stage.embed) {
+        // The packed path looks rows up from the file's blocks; a tied f32 head shares one
+        // dequantized table with the lookup instead.
+        (Some(q), true) => Some(Embedding::load(q, packed, device)?),
+        _ => None,
+    };
+    if !stage.head {
+        return Ok((embed, None));
+    }
+    let dense_embed = match &embed {
+        Some(Embedding::Dense(table)) if tied => Some(table),
+        _ => None,
+    };
+    let lm_head = match embed_q {
+        Some(q) if tied => q,
+        _ => gguf.tensor("output.weight", device)?,
+    };
+    let norm = gguf.tensor("output_norm.weight", device)?;
+    let head = load_head(norm, lm_head, packed, format, dense_embed, device)?;
+    Ok((embed, Some(head)))
+}
+
 /// The layers this instance runs, in one of two paths.
 enum Layers {
     /// candle's operations on tensors: every device and weight format.
@@ -397,15 +479,7 @@ impl LlamaModel {
         max_seq_len: usize,
     ) -> Result<Self> {
         let mut cfg = LlamaConfig::from_gguf(gguf)?;
-        if gguf.has_tensor("rope_freqs.weight") {
-            let freqs = values(gguf, "rope_freqs.weight")?;
-            ensure!(
-                freqs.len() == cfg.head_dim / 2 && freqs.iter().all(|f| f.is_finite() && *f > 0.0),
-                "rope_freqs.weight must hold {} positive factors",
-                cfg.head_dim / 2
-            );
-            cfg.rope_freqs = Some(freqs);
-        }
+        cfg.rope_freqs = read_rope_freqs(gguf, &cfg)?;
         ensure!(
             stage.layers.start <= stage.layers.end && stage.layers.end <= cfg.n_layer,
             "layers {:?} are outside the model's {} layers",
@@ -414,65 +488,12 @@ impl LlamaModel {
         );
         let layers = load_layers(gguf, &stage, &cfg, format, device)?;
         let packed = matches!(layers, Layers::Packed(_));
-        let tied = !gguf.has_tensor("output.weight");
-        let embed_q = if stage.embed || (stage.head && tied) {
-            let q = gguf.tensor("token_embd.weight", device)?;
-            ensure!(
-                q.shape().dims() == [cfg.vocab, cfg.hidden],
-                "token_embd.weight has shape {:?}, expected [{}, {}]",
-                q.shape().dims(),
-                cfg.vocab,
-                cfg.hidden
-            );
-            Some(q)
-        } else {
-            None
-        };
-        let embed = match (&embed_q, stage.embed) {
-            // The packed path looks rows up from the file's blocks; a tied f32 head shares
-            // one dequantized table with the lookup instead.
-            (Some(q), true) => Some(Embedding::load(q, packed, device)?),
-            _ => None,
-        };
-        let dense_embed = match &embed {
-            Some(Embedding::Dense(table)) => Some(table),
-            _ => None,
-        };
-        let head = if stage.head {
-            // Models without an output head share the embedding matrix (tied weights).
-            let lm_head = match embed_q {
-                Some(q) if tied => q,
-                _ => gguf.tensor("output.weight", device)?,
-            };
-            let norm = gguf.tensor("output_norm.weight", device)?;
-            Some(load_head(
-                norm,
-                lm_head,
-                packed,
-                format,
-                dense_embed.filter(|_| tied),
-                device,
-            )?)
-        } else {
-            None
-        };
-
-        let half = cfg.head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half)
-            .map(|i| {
-                let factor = cfg.rope_freqs.as_ref().map_or(1.0, |f| f[i]);
-                1.0 / (cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32) * factor)
-            })
-            .collect();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
-        let pos = Tensor::arange(0u32, max_seq_len as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((max_seq_len, 1))?;
-        let freqs = pos.broadcast_mul(&inv_freq)?;
+        let (embed, head) = load_ends(gguf, &stage, &cfg, format, packed, device)?;
+        let (cos, sin) = rope_tensors(&cfg, max_seq_len, device)?;
         let rope = RopeTable::new(&cfg, if packed { max_seq_len } else { 0 });
         Ok(Self {
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
+            cos,
+            sin,
             rope,
             max_seq_len,
             cfg,
@@ -705,10 +726,28 @@ impl LlamaModel {
         step: &Step,
         items: &mut [LayerItem<'_>],
     ) -> Result<Tensor> {
-        let (cos, sin, masks) = (&step.cos, &step.sin, &step.masks);
         let c = &self.cfg;
-        let n = x.dim(0)?;
         let h = candle_nn::ops::rms_norm(x, &b.attn_norm, c.rms_eps as f32)?;
+        let (q, k, v) = self.rotated_heads(b, &h, step)?;
+        let o = self.attend(layer, &q, &k, &v, &step.masks, items)?;
+        let x = (x + candle_forward(&b.wo, &o)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, c.rms_eps as f32)?;
+        let gate = candle_nn::ops::silu(&candle_forward(&b.w_gate, &h)?)?;
+        let mlp = candle_forward(&b.w_down, &(gate * candle_forward(&b.w_up, &h)?)?)?;
+        Ok((x + mlp)?)
+    }
+
+    /// Queries, keys and values of the normed rows `h` as `[heads, rows, head_dim]`: biased
+    /// and head-normed where the architecture says so, queries and keys rotated for each
+    /// row's position.
+    fn rotated_heads(
+        &self,
+        b: &Block,
+        h: &Tensor,
+        step: &Step,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let c = &self.cfg;
+        let n = h.dim(0)?;
         // [n, heads*d] -> [1, heads, n, d] so that every row gets the rotation of its position.
         let heads = |t: Tensor, nh: usize| -> Result<Tensor> {
             Ok(t.reshape((n, nh, c.head_dim))?
@@ -717,9 +756,9 @@ impl LlamaModel {
                 .unsqueeze(0)?)
         };
         let (mut q, mut k, mut v) = (
-            candle_forward(&b.wq, &h)?,
-            candle_forward(&b.wk, &h)?,
-            candle_forward(&b.wv, &h)?,
+            candle_forward(&b.wq, h)?,
+            candle_forward(&b.wk, h)?,
+            candle_forward(&b.wv, h)?,
         );
         if let Some((bq, bk, bv)) = &b.qkv_bias {
             (q, k, v) = (
@@ -741,14 +780,28 @@ impl LlamaModel {
             RopePairs::Adjacent => candle_nn::rotary_emb::rope_i,
             RopePairs::Halves => candle_nn::rotary_emb::rope,
         };
-        let q = rope(&q.contiguous()?, cos, sin)?.squeeze(0)?;
-        let k = rope(&k.contiguous()?, cos, sin)?.squeeze(0)?;
+        let q = rope(&q.contiguous()?, &step.cos, &step.sin)?.squeeze(0)?;
+        let k = rope(&k.contiguous()?, &step.cos, &step.sin)?.squeeze(0)?;
+        Ok((q, k, v))
+    }
 
+    /// Causal attention of each item's rows against its own cache (appending its new keys
+    /// and values); the packed rows' outputs, `[rows, n_head * head_dim]`.
+    fn attend(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        masks: &[Option<Tensor>],
+        items: &mut [LayerItem<'_>],
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
         let group = c.n_head / c.n_kv_head;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let mut outs = Vec::with_capacity(items.len());
         let mut row = 0;
-        for (i, it) in items.iter_mut().enumerate() {
+        for (it, mask) in items.iter_mut().zip(masks) {
             let t = it.rows;
             let past = it.cache.len();
             let (kc, vc) = it.cache.append(
@@ -767,7 +820,7 @@ impl LlamaModel {
             // backend (cuBLAS batched GEMM included) the plain strides it expects.
             let kc = kc.contiguous()?;
             let att = (qi.matmul(&kc.t()?)? * scale)?;
-            let att = match &masks[i] {
+            let att = match mask {
                 Some(mask) => att
                     .reshape((c.n_kv_head, group, t, total))?
                     .broadcast_add(mask)?
@@ -781,15 +834,10 @@ impl LlamaModel {
             outs.push(o);
             row += t;
         }
-        let o = Tensor::cat(&outs, 1)?
+        Ok(Tensor::cat(&outs, 1)?
             .transpose(0, 1)?
             .contiguous()?
-            .reshape((n, c.q_width()))?;
-        let x = (x + candle_forward(&b.wo, &o)?)?;
-        let h = candle_nn::ops::rms_norm(&x, &b.ffn_norm, c.rms_eps as f32)?;
-        let gate = candle_nn::ops::silu(&candle_forward(&b.w_gate, &h)?)?;
-        let mlp = candle_forward(&b.w_down, &(gate * candle_forward(&b.w_up, &h)?)?)?;
-        Ok((x + mlp)?)
+            .reshape((row, c.q_width()))?)
     }
 
     /// Layers held by this instance (all of them on a single node).
