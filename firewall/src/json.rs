@@ -11,7 +11,7 @@ use nftables::schema::{self, NfListObject, SetFlag, SetType, SetTypeValue};
 use nftables::stmt::{self, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
-use crate::{Family, Match, Ruleset, Verdict};
+use crate::{ChainDef, Family, Match, Rule, Ruleset, SetDef, Verdict};
 
 fn field(protocol: &'static str, name: &'static str) -> Expression<'static> {
     Expression::Named(NamedExpression::Payload(Payload::PayloadField(
@@ -105,89 +105,104 @@ impl Ruleset {
     /// The ruleset as an `nftables` batch: add, delete and re-add the table (atomic reload),
     /// then its sets, chains and rules.
     pub fn to_nftables(&self) -> nftables::schema::Nftables<'static> {
-        let fam = NfFamily::INet;
         let table = schema::Table {
-            family: fam,
+            family: NfFamily::INet,
             name: self.table.clone().into(),
             handle: None,
         };
         let mut b = Batch::new();
+        // INVARIANT: add, delete, add: deleting a table that may not exist yet needs it to
+        // exist, and the three apply atomically with the rest of the batch.
         b.add(NfListObject::Table(table.clone()));
         b.delete(NfListObject::Table(table.clone()));
         b.add(NfListObject::Table(table));
         for s in &self.sets {
-            let ty = match s.family {
-                Family::V4 => SetType::Ipv4Addr,
-                Family::V6 => SetType::Ipv6Addr,
-            };
-            let elems: Vec<Expression<'static>> = s
-                .elements
-                .iter()
-                .map(|c| {
-                    let max = if c.addr.is_ipv4() { 32 } else { 128 };
-                    if c.len == max {
-                        Expression::String(c.addr.to_string().into())
-                    } else {
-                        Expression::Named(NamedExpression::Prefix(nftables::expr::Prefix {
-                            addr: Box::new(Expression::String(c.addr.to_string().into())),
-                            len: u32::from(c.len),
-                        }))
-                    }
-                })
-                .collect();
-            b.add(NfListObject::Set(Box::new(schema::Set {
-                family: fam,
-                table: self.table.clone().into(),
-                name: s.name.clone().into(),
-                handle: None,
-                set_type: SetTypeValue::Single(ty),
-                policy: None,
-                flags: Some(HashSet::from([SetFlag::Interval])),
-                elem: Some(elems.into()),
-                timeout: None,
-                gc_interval: None,
-                size: None,
-                comment: None,
-            })));
+            b.add(NfListObject::Set(Box::new(self.set(s))));
         }
         for c in &self.chains {
-            let hook = if c.name == "input" {
-                NfHook::Input
-            } else {
-                NfHook::Output
-            };
-            b.add(NfListObject::Chain(schema::Chain {
-                family: fam,
-                table: self.table.clone().into(),
-                name: c.name.into(),
-                _type: Some(NfChainType::Filter),
-                hook: Some(hook),
-                prio: Some(0),
-                policy: Some(match c.policy {
-                    Verdict::Accept => NfChainPolicy::Accept,
-                    Verdict::Drop => NfChainPolicy::Drop,
-                }),
-                ..Default::default()
-            }));
+            b.add(NfListObject::Chain(self.chain(c)));
             for r in &c.rules {
-                let mut expr: Vec<Statement<'static>> =
-                    r.matches.iter().flat_map(statements).collect();
-                expr.push(match r.verdict {
-                    Verdict::Accept => Statement::Accept(None),
-                    Verdict::Drop => Statement::Drop(None),
-                });
-                b.add(NfListObject::Rule(schema::Rule {
-                    family: fam,
-                    table: self.table.clone().into(),
-                    chain: c.name.into(),
-                    expr: expr.into(),
-                    handle: None,
-                    index: None,
-                    comment: Some(r.comment.clone().into()),
-                }));
+                b.add(NfListObject::Rule(self.rule(c, r)));
             }
         }
         b.to_nftables()
+    }
+
+    /// A named interval set of addresses or prefixes.
+    fn set(&self, s: &SetDef) -> schema::Set<'static> {
+        let ty = match s.family {
+            Family::V4 => SetType::Ipv4Addr,
+            Family::V6 => SetType::Ipv6Addr,
+        };
+        let elems: Vec<Expression<'static>> = s
+            .elements
+            .iter()
+            .map(|c| {
+                let max = if c.addr.is_ipv4() { 32 } else { 128 };
+                if c.len == max {
+                    Expression::String(c.addr.to_string().into())
+                } else {
+                    Expression::Named(NamedExpression::Prefix(nftables::expr::Prefix {
+                        addr: Box::new(Expression::String(c.addr.to_string().into())),
+                        len: u32::from(c.len),
+                    }))
+                }
+            })
+            .collect();
+        schema::Set {
+            family: NfFamily::INet,
+            table: self.table.clone().into(),
+            name: s.name.clone().into(),
+            handle: None,
+            set_type: SetTypeValue::Single(ty),
+            policy: None,
+            flags: Some(HashSet::from([SetFlag::Interval])),
+            elem: Some(elems.into()),
+            timeout: None,
+            gc_interval: None,
+            size: None,
+            comment: None,
+        }
+    }
+
+    /// A base filter chain on the input or output hook, with its policy.
+    fn chain(&self, c: &ChainDef) -> schema::Chain<'static> {
+        let hook = if c.name == "input" {
+            NfHook::Input
+        } else {
+            NfHook::Output
+        };
+        schema::Chain {
+            family: NfFamily::INet,
+            table: self.table.clone().into(),
+            name: c.name.into(),
+            _type: Some(NfChainType::Filter),
+            hook: Some(hook),
+            prio: Some(0),
+            policy: Some(match c.policy {
+                Verdict::Accept => NfChainPolicy::Accept,
+                Verdict::Drop => NfChainPolicy::Drop,
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// One rule of chain `c`: its matches, then its verdict, with its reason as the comment.
+    fn rule(&self, c: &ChainDef, r: &Rule) -> schema::Rule<'static> {
+        let mut expr: Vec<Statement<'static>> = r.matches.iter().flat_map(statements).collect();
+        expr.push(match r.verdict {
+            Verdict::Accept => Statement::Accept(None),
+            Verdict::Drop => Statement::Drop(None),
+        });
+        schema::Rule {
+            family: NfFamily::INet,
+            table: self.table.clone().into(),
+            chain: c.name.into(),
+            expr: expr.into(),
+            handle: None,
+            index: None,
+            comment: Some(r.comment.clone().into()),
+        }
     }
 
     /// The JSON text for `nft -j -f -`.
