@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 MODEL=$(./scripts/fetch-model.sh)
+NAME=$(python3 -c 'import json; print(json.load(open("scripts/demo-model.json"))["name"])')
 # BULWARK_BIN: an already built binary (the test of this script uses the workspace's build).
 if [ -z "${BULWARK_BIN:-}" ]; then
   cargo build --release -p bulwark
@@ -12,7 +13,7 @@ if [ -z "${BULWARK_BIN:-}" ]; then
 fi
 rm -rf .demo/server
 LISTEN=${BULWARK_LISTEN:-127.0.0.1:8443}
-OUT=$("$BULWARK_BIN" init --dir .demo/server --model "$MODEL" --listen "$LISTEN" --name smollm2-135m-instruct)
+OUT=$("$BULWARK_BIN" init --dir .demo/server --model "$MODEL" --listen "$LISTEN" --name "$NAME")
 KEY=$(echo "$OUT" | tail -n 1 | sed 's/^api key: //')
 cat <<MSG
 
@@ -24,12 +25,12 @@ Call it from another terminal:
 
   curl --cacert .demo/server/cert.pem https://$LISTEN/v1/chat/completions \\
     -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \\
-    -d '{"model":"smollm2-135m-instruct","messages":[{"role":"user","content":"What is the capital of France? Answer in one sentence."}],"temperature":0}'
+    -d '{"model":"$NAME","messages":[{"role":"user","content":"What is the capital of France? Answer in one sentence."}],"temperature":0}'
 
   SSL_CERT_FILE=.demo/server/cert.pem OPENAI_API_KEY=$KEY .venv/bin/python -c '
 from openai import OpenAI
 c = OpenAI(base_url="https://$LISTEN/v1")
-r = c.chat.completions.create(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}], temperature=0)
+r = c.chat.completions.create(model="$NAME", messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}], temperature=0)
 print(r.choices[0].message.content)'
 
 MSG

@@ -664,7 +664,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("topology")
     ap.add_argument("--bin", default=str(ROOT / "target/release/bulwark"))
-    ap.add_argument("--model", default=str(ROOT / ".demo/model/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    demo = json.loads((ROOT / "scripts/demo-model.json").read_text())
+    ap.add_argument("--model", default=str(ROOT / demo["dir"] / demo["file"]))
     ap.add_argument("--keep-logs", metavar="DIR", help="copy every engine's log and configuration to DIR")
     args = ap.parse_args()
     if os.geteuid() != 0:

@@ -11,9 +11,8 @@
 let
   pkgs = import ./pkgs-stub.nix lib;
   topology = builtins.fromTOML (builtins.readFile topologyFile);
-  demoModel = pkgs.runCommand "SmolLM2-135M-Instruct.Q4_1.gguf" {
-    sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-  } "";
+  demo = builtins.fromJSON (builtins.readFile ../../scripts/demo-model.json);
+  demoModel = pkgs.runCommand demo.file { inherit (demo) sha256; } "";
   test = import ../vm-test.nix {
     inherit lib pkgs topology demoModel;
     bulwark = pkgs.bulwark;

@@ -2,10 +2,10 @@
 # ones must evaluate with every assertion holding; each `bad` one must fail, for the reason
 # given (the harness checks that the error message contains `expect`).
 let
+  demo = builtins.fromJSON (builtins.readFile ../../scripts/demo-model.json);
   model = {
-    file = "/nix/store/00000000000000000000000000000000-SmolLM2-135M-Instruct.Q4_1.gguf";
-    sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-    name = "smollm2-135m-instruct";
+    file = "/nix/store/00000000000000000000000000000000-${demo.file}";
+    inherit (demo) sha256 name;
   };
   secrets = "/var/lib/bulwark-secrets";
   single = {

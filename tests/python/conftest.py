@@ -1,4 +1,5 @@
 """Fixtures: a real `bulwark serve` process on the demo model, set up with `bulwark init`."""
+import json
 import os
 import signal
 import socket
@@ -11,8 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("BULWARK_BIN", ROOT / "target/release/bulwark"))
-MODEL = Path(os.environ.get("BULWARK_TEST_MODEL", ROOT / ".demo/model/SmolLM2-135M-Instruct.Q4_1.gguf"))
-MODEL_NAME = "smollm2-135m-instruct"
+DEMO = json.loads((ROOT / "scripts/demo-model.json").read_text())  # the one place it is written
+MODEL = Path(os.environ.get("BULWARK_TEST_MODEL", ROOT / DEMO["dir"] / DEMO["file"]))
+MODEL_NAME = DEMO["name"]
 
 
 def free_port():

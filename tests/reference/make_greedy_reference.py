@@ -31,7 +31,7 @@ def main():
     with llama_server.running(bin_dir, model, PORT, "-t", "2", "-np", "1", "-c", "2048",
                               "-fa", "off") as server:
         out = {"generator": "llama-server (llama.cpp vendored in llama-cpp-python 0.3.36), -fa off",
-               "model_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+               "model_sha256": json.loads((ROOT / "scripts/demo-model.json").read_text())["sha256"],
                "cases": []}
         for case in cases:
             r = server.post("/completion", {"prompt": case["prompt_ids"], "n_predict": STEPS,

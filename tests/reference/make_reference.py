@@ -12,6 +12,7 @@ Usage: python make_reference.py MODEL.gguf > engine/tests/data/llamacpp-referenc
 Needs: pip install llama-cpp-python==0.3.36 numpy jinja2 (builds llama.cpp from source).
 """
 import json
+import pathlib
 import sys
 
 import jinja2
@@ -50,7 +51,8 @@ def main():
     template = env.from_string(meta["tokenizer.chat_template"])
     out = {
         "generator": f"llama-cpp-python {llama_cpp_version}",
-        "model_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "model_sha256": json.loads(
+            (pathlib.Path(__file__).resolve().parents[2] / "scripts/demo-model.json").read_text())["sha256"],
         "chat": [],
         "raw": [],
     }

@@ -13,7 +13,7 @@ use bulwark::config::Config;
 use bulwark::tls::ClusterIdentity;
 use serde_json::json;
 
-use crate::util::{self, MODEL_SHA256, TestState};
+use crate::util::{self, TestState};
 
 /// Certificates for a cluster on loopback: a CA, the head, two workers, and a foreign CA's
 /// certificate carrying the head's name.
@@ -65,12 +65,13 @@ fn worker(pki: &Pki, name: &str, layers: [usize; 2], head_address: &str) -> Sock
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let text = format!(
-        "[model]\npath = {path:?}\nsha256 = \"{MODEL_SHA256}\"\nname = \"m\"\ncontext_length = 512\n\
+        "[model]\npath = {path:?}\nsha256 = \"{sha}\"\nname = \"m\"\ncontext_length = 512\n\
          [cluster]\nrole = \"worker\"\nname = \"{name}\"\n{files}layers = [{}, {}]\n\
          listen = \"{addr}\"\nhead_name = \"head\"\nhead_address = \"{head_address}\"\n",
         layers[0],
         layers[1],
         path = util::model_path(),
+        sha = util::model_sha256(),
         files = pki.files(name),
     );
     let cfg: Config = toml::from_str(&text).unwrap();
@@ -208,7 +209,7 @@ fn handshake(ident: &ClusterIdentity, addr: SocketAddr, hello: &Hello) -> Result
 
 fn good_hello() -> Hello {
     let mut sha = [0u8; 32];
-    hex::decode_to_slice(MODEL_SHA256, &mut sha).unwrap();
+    hex::decode_to_slice(util::model_sha256(), &mut sha).unwrap();
     Hello {
         version: frame::PROTOCOL_VERSION,
         model_sha256: sha,

@@ -94,7 +94,7 @@ async fn stop_sequences_cut_the_output() {
 #[tokio::test]
 async fn max_tokens_ends_with_length() {
     let t = util::state("");
-    let r = t.post("/v1/completions", json!({"model": util::MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0})).await;
+    let r = t.post("/v1/completions", json!({"model": util::model_name(), "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0})).await;
     let j = r.json();
     assert_eq!(j["choices"][0]["finish_reason"], "length", "{j}");
     assert_eq!(j["usage"]["completion_tokens"], 5);

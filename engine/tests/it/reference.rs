@@ -68,7 +68,7 @@ fn load_as(
 ) {
     bulwark::infer::load::load(
         bulwark::model::gguf::ModelFile::open(&util::model_path()).unwrap(),
-        &bulwark::digest::Sha256::parse(util::MODEL_SHA256).unwrap(),
+        &bulwark::digest::Sha256::parse(util::model_sha256()).unwrap(),
         "m",
         Some(512),
         weights,
@@ -86,7 +86,7 @@ fn reference() -> Reference {
 #[test]
 fn prompt_token_ids_match_llama_cpp() {
     let r = reference();
-    assert_eq!(r.model_sha256, util::MODEL_SHA256);
+    assert_eq!(r.model_sha256, util::model_sha256());
     let (info, _) = load();
     let template = info.template.as_ref().unwrap();
     for case in &r.chat {
@@ -340,7 +340,7 @@ fn greedy_decoding_matches_llama_cpp() {
             .unwrap(),
     )
     .unwrap();
-    assert_eq!(r.model_sha256, util::MODEL_SHA256);
+    assert_eq!(r.model_sha256, util::model_sha256());
     let (_, model) = load_as(WeightFormat::Quantized);
     let consistent: Vec<&GreedyCase> = r.cases.iter().filter(|c| c.consistent).collect();
     assert!(

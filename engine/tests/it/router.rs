@@ -3,7 +3,7 @@
 use hyper::StatusCode;
 use serde_json::json;
 
-use crate::util::{self, MODEL_NAME, call};
+use crate::util::{self, call};
 
 fn posture_routes() -> Vec<(String, String, bool)> {
     let text =
@@ -279,11 +279,11 @@ async fn models_lists_the_served_model_and_unknown_models_are_404() {
         None,
     )
     .await;
-    assert_eq!(r.json()["data"][0]["id"], MODEL_NAME);
+    assert_eq!(r.json()["data"][0]["id"], util::model_name());
     let r = call(
         &t.state,
         "GET",
-        &format!("/v1/models/{MODEL_NAME}"),
+        &format!("/v1/models/{}", util::model_name()),
         &[("authorization", &auth)],
         None,
     )
@@ -398,7 +398,7 @@ async fn limits_answer_with_their_names() {
     );
     let auth = t.bearer();
     let big =
-        json!({"model": MODEL_NAME, "messages": [{"role": "user", "content": "x".repeat(4000)}]})
+        json!({"model": util::model_name(), "messages": [{"role": "user", "content": "x".repeat(4000)}]})
             .to_string();
     let r = call(
         &t.state,
@@ -433,7 +433,7 @@ async fn limits_answer_with_their_names() {
     let r = t
         .post(
             "/v1/chat/completions",
-            json!({"model": MODEL_NAME, "messages": msgs}),
+            json!({"model": util::model_name(), "messages": msgs}),
         )
         .await;
     assert!(r.text().contains("limits.max_messages"), "{}", r.text());
@@ -561,7 +561,7 @@ async fn replayed_assistant_messages_are_accepted_in_their_empty_forms() {
     });
     let body = |a: serde_json::Value| {
         serde_json::json!({
-            "model": util::MODEL_NAME, "max_tokens": 2,
+            "model": util::model_name(), "max_tokens": 2,
             "messages": [{"role": "user", "content": "Capital of France?"}, a,
                          {"role": "user", "content": "And of Italy?"}]
         })
@@ -603,7 +603,7 @@ async fn unsupported_inputs_are_refused_by_name() {
     let r = t
         .post(
             "/v1/completions",
-            json!({"model": MODEL_NAME, "prompt": "hi", "stream_options": {"include_usage": true}}),
+            json!({"model": util::model_name(), "prompt": "hi", "stream_options": {"include_usage": true}}),
         )
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
@@ -612,7 +612,7 @@ async fn unsupported_inputs_are_refused_by_name() {
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert!(r.text().contains("frobnicate"), "{}", r.text());
     // Image URLs are refused: the server never fetches anything a request names.
-    let r = t.post("/v1/chat/completions", json!({"model": MODEL_NAME, "messages": [{"role": "user", "content": [
+    let r = t.post("/v1/chat/completions", json!({"model": util::model_name(), "messages": [{"role": "user", "content": [
         {"type": "text", "text": "describe"},
         {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data/"}}]}]})).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);

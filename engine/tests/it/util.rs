@@ -10,8 +10,31 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{HeaderMap, Method, Request, StatusCode};
 
-pub const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-pub const MODEL_NAME: &str = "smollm2-135m-instruct";
+/// The demo model as scripts/demo-model.json describes it: the one place its name, file and
+/// hash are written.
+#[derive(serde::Deserialize)]
+pub struct DemoModel {
+    pub name: String,
+    pub file: String,
+    pub dir: String,
+    pub sha256: String,
+}
+
+pub fn demo() -> &'static DemoModel {
+    static DEMO: std::sync::LazyLock<DemoModel> = std::sync::LazyLock::new(|| {
+        serde_json::from_str(include_str!("../../../scripts/demo-model.json"))
+            .expect("scripts/demo-model.json")
+    });
+    &DEMO
+}
+
+pub fn model_sha256() -> &'static str {
+    &demo().sha256
+}
+
+pub fn model_name() -> &'static str {
+    &demo().name
+}
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -23,7 +46,7 @@ pub fn repo_root() -> PathBuf {
 pub fn model_path() -> PathBuf {
     let p = std::env::var_os("BULWARK_TEST_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".demo/model/SmolLM2-135M-Instruct.Q4_1.gguf"));
+        .unwrap_or_else(|| repo_root().join(&demo().dir).join(&demo().file));
     assert!(
         p.exists(),
         "demo model missing at {}: run scripts/fetch-model.sh",
@@ -42,8 +65,10 @@ pub struct TestState {
 pub fn config(extra: &str) -> Config {
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:1\"\nplaintext = true\nkeys_file = \"unused\"\n\
-         [model]\npath = {path:?}\nsha256 = \"{MODEL_SHA256}\"\nname = \"{MODEL_NAME}\"\n{extra}",
+         [model]\npath = {path:?}\nsha256 = \"{sha}\"\nname = \"{name}\"\n{extra}",
         path = model_path().display().to_string(),
+        sha = model_sha256(),
+        name = model_name(),
     );
     let cfg: Config = toml::from_str(&text).unwrap();
     cfg.validate().unwrap();
@@ -156,7 +181,7 @@ impl TestState {
 
 fn chat_body(content: &str, extra: serde_json::Value) -> serde_json::Value {
     let mut body = serde_json::json!({
-        "model": MODEL_NAME,
+        "model": model_name(),
         "messages": [{"role": "user", "content": content}],
     });
     for (k, v) in extra.as_object().unwrap() {
