@@ -6,14 +6,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 
 use bulwark::api::AppState;
 use bulwark::api::limits::RateLimiter;
 use bulwark::config::Limits;
-use bulwark::infer::models::llama::LlamaModel;
-use bulwark::infer::scheduler::{self, SchedulerConfig, StepItem, StepRunner};
+use bulwark::infer::scheduler::{self, SchedulerConfig};
 use bulwark::keys::KeyStore;
 use bulwark::metrics::Metrics;
 use bulwark::model::ModelInfo;
@@ -135,24 +133,6 @@ pub fn tiny() -> &'static TinyModel {
     TINY.get_or_init(build_tiny)
 }
 
-/// A runner for a pipeline whose stages are all down: every submission is answered 503 by
-/// `SchedulerHandle::submit` before the inference thread sees it, so the router runs every
-/// parse, validation, template and tokenizer step for real with no model loaded.
-struct NoModel;
-
-impl StepRunner for NoModel {
-    fn local(&self) -> &LlamaModel {
-        unreachable!("no request reaches the inference thread: the runner is unavailable")
-    }
-    fn run(&mut self, _items: &mut [StepItem<'_>]) -> anyhow::Result<Vec<Vec<f32>>> {
-        anyhow::bail!("no model")
-    }
-    fn free(&mut self, _seq: u64) {}
-    fn available(&self) -> Arc<AtomicBool> {
-        Arc::new(AtomicBool::new(false))
-    }
-}
-
 /// The router's state for the tiny model; its one key is returned beside it.
 pub fn app_state() -> (Arc<AppState>, String) {
     let key = bulwark::keys::generate_key().expect("a key");
@@ -186,7 +166,7 @@ pub fn app_state() -> (Arc<AppState>, String) {
         created: 0,
     });
     let (handle, _thread) = pending
-        .start(Box::new(NoModel), info.clone())
+        .start(Box::new(scheduler::NoModel), info.clone())
         .expect("the inference thread takes the runner");
     let state = Arc::new(AppState {
         keys,

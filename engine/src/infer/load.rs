@@ -25,22 +25,8 @@ pub fn load(
     let created = file.modified_secs();
     let mut gguf = GgufFile::open_pinned(file, sha256)?;
     let cfg = LlamaConfig::from_gguf(&gguf)?;
-    let ctx = context_window(context_length, &cfg)?;
-    let tokenizer = ModelTokenizer::from_gguf(&gguf).context("building the tokenizer")?;
-    let template = match gguf.opt_str("tokenizer.chat_template") {
-        Some(src) => Some(
-            ChatTemplate::new(
-                src,
-                tokenizer
-                    .bos_id
-                    .map(|id| tokenizer.token_text(id))
-                    .unwrap_or_default(),
-                tokenizer.token_text(tokenizer.eos_id),
-            )
-            .context("tokenizer.chat_template")?,
-        ),
-        None => None,
-    };
+    let info = model_info(&gguf, name, created, context_length)?;
+    let ctx = info.context_length;
     let model = match head_layers {
         None => LlamaModel::load(&mut gguf, weights, device, ctx)?,
         // A cluster head: the embedding and the first layers; the stages run the rest.
@@ -60,16 +46,40 @@ pub fn load(
             LlamaModel::load_stage(&mut gguf, stage, weights, device, ctx)?
         }
     };
-    Ok((
-        ModelInfo {
-            name: name.to_owned(),
-            tokenizer,
-            template,
-            context_length: ctx,
-            created,
-        },
-        model,
-    ))
+    Ok((info, model))
+}
+
+/// What the API needs of a model, from its header alone: tokenizer, chat template and context
+/// window. (The router tests build their state from this and no weights.)
+pub fn model_info(
+    gguf: &GgufFile,
+    name: &str,
+    created: u64,
+    context_length: Option<usize>,
+) -> Result<ModelInfo> {
+    let cfg = LlamaConfig::from_gguf(gguf)?;
+    let tokenizer = ModelTokenizer::from_gguf(gguf).context("building the tokenizer")?;
+    let template = match gguf.opt_str("tokenizer.chat_template") {
+        Some(src) => Some(
+            ChatTemplate::new(
+                src,
+                tokenizer
+                    .bos_id
+                    .map(|id| tokenizer.token_text(id))
+                    .unwrap_or_default(),
+                tokenizer.token_text(tokenizer.eos_id),
+            )
+            .context("tokenizer.chat_template")?,
+        ),
+        None => None,
+    };
+    Ok(ModelInfo {
+        name: name.to_owned(),
+        tokenizer,
+        template,
+        context_length: context_window(context_length, &cfg)?,
+        created,
+    })
 }
 
 /// Load a pinned GGUF model for a worker stage: the hash check, the header and only the

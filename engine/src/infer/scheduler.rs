@@ -159,6 +159,25 @@ pub trait StepRunner: Send {
     fn available(&self) -> Arc<AtomicBool>;
 }
 
+/// A runner without a model, never available: requests are routed, validated, rendered and
+/// tokenized for real, then answered 503 (`SchedulerHandle::submit` refuses them while the
+/// runner is unavailable). For the router tests and the
+/// fuzz targets, which need everything in front of the model and nothing of it.
+pub struct NoModel;
+
+impl StepRunner for NoModel {
+    fn local(&self) -> &LlamaModel {
+        unreachable!("the scheduler answers before asking an unavailable runner for its model")
+    }
+    fn run(&mut self, _items: &mut [StepItem<'_>]) -> anyhow::Result<Vec<Vec<f32>>> {
+        anyhow::bail!("no model is loaded")
+    }
+    fn free(&mut self, _seq: u64) {}
+    fn available(&self) -> Arc<AtomicBool> {
+        Arc::new(AtomicBool::new(false))
+    }
+}
+
 /// The model's view of a step's items (it needs no sequence ids).
 pub fn as_batch<'a>(items: &'a mut [StepItem<'_>]) -> Vec<BatchItem<'a>> {
     items

@@ -269,12 +269,7 @@ pub fn start(
     cluster_client: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>)> {
     let pending = scheduler::spawn(
-        SchedulerConfig {
-            max_batch: cfg.engine.max_batch,
-            max_batch_tokens: cfg.engine.max_batch_tokens,
-            queue_depth: cfg.limits.queue_depth,
-            prefix_cache_bytes: cfg.engine.prefix_cache_mb << 20,
-        },
+        scheduler_config(cfg),
         cfg.compute_threads(),
         metrics.clone(),
         compute_filter,
@@ -289,19 +284,40 @@ pub fn start(
         None => Box::new(model),
     };
     let (handle, infer_thread) = pending.start(runner, info.clone())?;
+    Ok((app_state(cfg, keys, metrics, info, handle)?, infer_thread))
+}
+
+/// The scheduler's settings from `[engine]` and `[limits]`.
+pub fn scheduler_config(cfg: &Config) -> SchedulerConfig {
+    SchedulerConfig {
+        max_batch: cfg.engine.max_batch,
+        max_batch_tokens: cfg.engine.max_batch_tokens,
+        queue_depth: cfg.limits.queue_depth,
+        prefix_cache_bytes: cfg.engine.prefix_cache_mb << 20,
+    }
+}
+
+/// What the router serves from: the configuration's limits, keys and CORS origins, the
+/// model's API view and the scheduler that runs it.
+pub fn app_state(
+    cfg: &Config,
+    keys: KeyStore,
+    metrics: Arc<Metrics>,
+    model: Arc<crate::model::ModelInfo>,
+    scheduler: scheduler::SchedulerHandle,
+) -> Result<Arc<AppState>> {
     let server = cfg.api()?;
-    let state = Arc::new(AppState {
+    Ok(Arc::new(AppState {
         keys,
         limits: cfg.limits.clone(),
         cors_origins: server.cors_origins.clone(),
         anonymous_health: server.anonymous_health,
-        model: info,
-        scheduler: handle,
+        model,
+        scheduler,
         metrics,
         rate: RateLimiter::new(cfg.limits.rate_limit_per_minute),
         in_flight: Arc::new(Semaphore::new(cfg.limits.max_in_flight)),
-    });
-    Ok((state, infer_thread))
+    }))
 }
 
 /// Start one link thread per stage and the runner that sends steps through them. The links

@@ -1,4 +1,6 @@
 //! Authentication before routing, exact routes, CORS and limits, through the real router.
+//! Every test but one runs on `util::router_state`: the demo model's tokenizer and template,
+//! no weights (a request that passes every check is answered 503), so they take milliseconds.
 
 use hyper::StatusCode;
 use serde_json::json;
@@ -20,7 +22,7 @@ fn posture_routes() -> Vec<(String, String, bool)> {
 
 #[tokio::test]
 async fn every_scanner_route_is_401_anonymously_and_never_5xx_with_a_key() {
-    let t = util::state("");
+    let t = util::router_state("");
     let routes = posture_routes();
     assert_eq!(routes.len(), 63);
     let auth = t.bearer();
@@ -79,7 +81,7 @@ async fn every_scanner_route_is_401_anonymously_and_never_5xx_with_a_key() {
 
 #[tokio::test]
 async fn auth_precedes_routing_for_every_method_and_path_variant() {
-    let t = util::state("");
+    let t = util::router_state("");
     let auth = t.bearer();
     let paths = [
         "/",
@@ -175,7 +177,7 @@ async fn auth_precedes_routing_for_every_method_and_path_variant() {
 
 #[tokio::test]
 async fn health_needs_a_key_unless_made_anonymous_and_says_nothing() {
-    let t = util::state("");
+    let t = util::router_state("");
     assert_eq!(
         call(&t.state, "GET", "/health", &[], None).await.status,
         StatusCode::UNAUTHORIZED
@@ -204,7 +206,7 @@ async fn health_needs_a_key_unless_made_anonymous_and_says_nothing() {
 
 #[tokio::test]
 async fn keys_are_accepted_only_from_a_bearer_header() {
-    let t = util::state("");
+    let t = util::router_state("");
     let key = t.key.clone();
     let cases: Vec<(String, Vec<(&str, String)>)> = vec![
         (format!("/v1/models?api_key={key}"), vec![]),
@@ -269,7 +271,7 @@ async fn keys_are_accepted_only_from_a_bearer_header() {
 
 #[tokio::test]
 async fn models_lists_the_served_model_and_unknown_models_are_404() {
-    let t = util::state("");
+    let t = util::router_state("");
     let auth = t.bearer();
     let r = call(
         &t.state,
@@ -311,7 +313,7 @@ async fn models_lists_the_served_model_and_unknown_models_are_404() {
 
 #[tokio::test]
 async fn cors_is_off_by_default() {
-    let t = util::state("");
+    let t = util::router_state("");
     let auth = t.bearer();
     let r = call(
         &t.state,
@@ -393,7 +395,7 @@ async fn cors_allows_exact_origins_and_never_reflects() {
 
 #[tokio::test]
 async fn limits_answer_with_their_names() {
-    let t = util::state(
+    let t = util::router_state(
         "[limits]\nmax_body_bytes = 2048\nmax_tokens = 64\nmax_prompt_tokens = 50\nmax_headers = 20\nmax_header_bytes = 2048\nmax_messages = 3\n",
     );
     let auth = t.bearer();
@@ -469,7 +471,7 @@ async fn limits_answer_with_their_names() {
 
 #[tokio::test]
 async fn per_key_rate_limit_answers_429_with_retry_after() {
-    let t = util::state("[limits]\nrate_limit_per_minute = 3\n");
+    let t = util::router_state("[limits]\nrate_limit_per_minute = 3\n");
     let auth = t.bearer();
     for _ in 0..3 {
         assert_eq!(
@@ -520,7 +522,7 @@ async fn per_key_rate_limit_answers_429_with_retry_after() {
 
 #[tokio::test]
 async fn in_flight_limit_answers_503_with_retry_after() {
-    let t = util::state("[limits]\nmax_in_flight = 1\n");
+    let t = util::router_state("[limits]\nmax_in_flight = 1\n");
     let permit = t.state.in_flight.clone().try_acquire_owned().unwrap();
     let auth = t.bearer();
     let r = call(
@@ -579,7 +581,7 @@ async fn replayed_assistant_messages_are_accepted_in_their_empty_forms() {
 
 #[tokio::test]
 async fn unsupported_inputs_are_refused_by_name() {
-    let t = util::state("");
+    let t = util::router_state("");
     let cases = [
         (json!({"chat_template": "{{ 7*7 }}"}), "chat_template"),
         (json!({"tools": [{"type": "function"}]}), "tools"),

@@ -80,6 +80,49 @@ pub fn state(extra: &str) -> TestState {
 }
 
 pub fn state_with(cfg: Config) -> TestState {
+    let (keys, key, other_key) = two_keys();
+    let (state, _thread) = bulwark::serve::build_state(&cfg, keys).unwrap();
+    TestState {
+        state,
+        key,
+        other_key,
+    }
+}
+
+/// A router state with the demo model's tokenizer, template and context window but no
+/// weights (`NoModel`): for tests that route, authenticate, validate and tokenize but never
+/// generate. A request that passes every check is answered 503. Milliseconds, not a model
+/// load.
+pub fn router_state(extra: &str) -> TestState {
+    use bulwark::infer::scheduler;
+    let cfg = config(extra);
+    let gguf = bulwark::model::gguf::GgufFile::open_unverified(&model_path()).unwrap();
+    let info =
+        bulwark::infer::load::model_info(&gguf, &cfg.model.name, 0, cfg.model.context_length)
+            .unwrap();
+    let info = Arc::new(info);
+    let metrics = Arc::new(bulwark::metrics::Metrics::default());
+    let pending = scheduler::spawn(
+        bulwark::serve::scheduler_config(&cfg),
+        1,
+        metrics.clone(),
+        None,
+    )
+    .unwrap();
+    let (handle, _thread) = pending
+        .start(Box::new(scheduler::NoModel), info.clone())
+        .unwrap();
+    let (keys, key, other_key) = two_keys();
+    let state = bulwark::serve::app_state(&cfg, keys, metrics, info, handle).unwrap();
+    TestState {
+        state,
+        key,
+        other_key,
+    }
+}
+
+/// A keys file with two keys, "tester" and "other", and both keys.
+fn two_keys() -> (bulwark::keys::KeyStore, String, String) {
     let key = bulwark::keys::generate_key().unwrap();
     let other_key = bulwark::keys::generate_key().unwrap();
     let keys = bulwark::keys::KeyStore::parse(&format!(
@@ -88,12 +131,7 @@ pub fn state_with(cfg: Config) -> TestState {
         bulwark::keys::entry_line("other", &other_key)
     ))
     .unwrap();
-    let (state, _thread) = bulwark::serve::build_state(&cfg, keys).unwrap();
-    TestState {
-        state,
-        key,
-        other_key,
-    }
+    (keys, key, other_key)
 }
 
 pub struct Reply {
