@@ -94,6 +94,22 @@ pub enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// The self-confinement's tables, for review (docs/seccomp.md).
+    Sandbox {
+        #[command(subcommand)]
+        command: SandboxCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SandboxCommand {
+    /// Print the seccomp allowlists as JSON: per thread category, every allowed system call
+    /// with its number, its argument condition and the reason it is needed.
+    Allowlist {
+        /// The lists of a CUDA build (a few more calls for the driver).
+        #[arg(long)]
+        gpu: bool,
+    },
 }
 
 #[derive(Subcommand)]

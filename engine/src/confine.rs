@@ -93,9 +93,9 @@ pub fn confine(cfg: &Config) -> Result<(sandbox::Status, sandbox::ComputeFilter)
     let prepared = sandbox::prepare(&policy).context("preparing the sandbox")?;
     let (status, compute) = prepared.apply().context("confining the process")?;
     tracing::info!(
-        landlock = status.landlock,
+        landlock = %status.landlock,
         landlock_abi = status.landlock_abi,
-        seccomp = status.seccomp,
+        seccomp = %status.seccomp,
         no_new_privs = status.no_new_privs,
         capabilities_dropped = status.capabilities_dropped,
         uid = status.uid,
@@ -111,4 +111,54 @@ pub fn confine(cfg: &Config) -> Result<(sandbox::Status, sandbox::ComputeFilter)
         );
     }
     Ok((status, compute))
+}
+
+/// The seccomp allowlists as JSON for review (`bulwark sandbox allowlist`): per thread
+/// category, each allowed call's name, number, argument condition and reason.
+pub fn allowlist_json(gpu: bool) -> String {
+    use sandbox::seccomp::{Args, Category, allowlist};
+    let entry = |a: sandbox::seccomp::Allowed| {
+        let args = match a.args {
+            Args::Any => serde_json::json!("any"),
+            Args::OneOf(arg, values) => serde_json::json!({ "arg": arg, "one_of": values }),
+            Args::NoneOf(arg, mask) => serde_json::json!({ "arg": arg, "none_of_bits": mask }),
+            Args::AllOf(arg, mask) => serde_json::json!({ "arg": arg, "all_of_bits": mask }),
+        };
+        let name = a.name.trim_start_matches("SYS_");
+        serde_json::json!({ "name": name, "nr": a.nr, "args": args, "reason": a.reason })
+    };
+    let lists: serde_json::Map<String, serde_json::Value> = [Category::Process, Category::Compute]
+        .into_iter()
+        .map(|c| {
+            let calls: Vec<_> = allowlist(c, gpu).into_iter().map(entry).collect();
+            (c.name().to_owned(), calls.into())
+        })
+        .collect();
+    serde_json::to_string_pretty(&serde_json::json!({
+        "architecture": std::env::consts::ARCH,
+        "gpu": gpu,
+        "categories": lists,
+    }))
+    .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    /// The export lists exactly the tables' calls, each with its number and reason.
+    #[test]
+    fn allowlist_json_is_the_tables() {
+        use sandbox::seccomp::{Category, allowlist};
+        let v: serde_json::Value = serde_json::from_str(&super::allowlist_json(false)).unwrap();
+        for c in [Category::Process, Category::Compute] {
+            let listed = v["categories"][c.name()].as_array().unwrap();
+            let table = allowlist(c, false);
+            assert_eq!(listed.len(), table.len(), "{}", c.name());
+            for (l, a) in listed.iter().zip(&table) {
+                assert_eq!(l["name"], a.name.trim_start_matches("SYS_"));
+                assert_eq!(l["nr"], a.nr);
+                assert_eq!(l["reason"], a.reason);
+            }
+        }
+        assert!(v["categories"]["process"].to_string().contains("\"accept4\""));
+    }
 }

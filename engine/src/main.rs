@@ -8,7 +8,7 @@ use clap::Parser;
 
 use bulwark::cli::{
     AuditFormat, CertsCommand, Cli, Command, FirewallCommand, FirewallFormat, KeysCommand,
-    ModelCommand,
+    ModelCommand, SandboxCommand,
 };
 use bulwark::config::{Config, LogFormat};
 
@@ -75,6 +75,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => done(new_key(&keys_file, &name)),
         Command::Model { command } => done(model(command)),
         Command::Certs { command } => done(certs(command)),
+        Command::Sandbox {
+            command: SandboxCommand::Allowlist { gpu },
+        } => {
+            println!("{}", bulwark::confine::allowlist_json(gpu));
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -4,7 +4,7 @@ use landlock::{RulesetCreated, RulesetStatus};
 use seccompiler::BpfProgram;
 
 use crate::seccomp::{self, Category};
-use crate::{Enforcement, Error, Policy, Status, sys};
+use crate::{Enforcement, Error, LandlockStatus, Policy, SeccompStatus, Status, sys};
 
 /// Everything built while the process still holds its privileges and its paths are reachable.
 pub struct Prepared {
@@ -100,12 +100,12 @@ impl Prepared {
         let ls = self.landlock.restrict_self().map_err(Error::Landlock)?;
         let abi = sys::landlock_abi();
         let landlock = match ls.ruleset {
-            RulesetStatus::FullyEnforced if count != 1 => "partial",
-            RulesetStatus::FullyEnforced => "full",
-            RulesetStatus::PartiallyEnforced => "partial",
-            RulesetStatus::NotEnforced => "none",
+            RulesetStatus::FullyEnforced if count != 1 => LandlockStatus::Partial,
+            RulesetStatus::FullyEnforced => LandlockStatus::Full,
+            RulesetStatus::PartiallyEnforced => LandlockStatus::Partial,
+            RulesetStatus::NotEnforced => LandlockStatus::None,
         };
-        if landlock != "full" && self.policy.enforcement == Enforcement::Required {
+        if landlock != LandlockStatus::Full && self.policy.enforcement == Enforcement::Required {
             return Err(Error::LandlockNotEnforced(landlock, abi));
         }
         let uid = sys::geteuid();
@@ -131,9 +131,9 @@ impl Prepared {
             landlock,
             landlock_abi: abi,
             seccomp: if self.policy.seccomp_log_only {
-                "log-only"
+                SeccompStatus::LogOnly
             } else {
-                "enforced"
+                SeccompStatus::Enforced
             },
             no_new_privs: ls.no_new_privs,
             capabilities_dropped,

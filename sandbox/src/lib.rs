@@ -118,15 +118,56 @@ pub enum Enforcement {
     BestEffort,
 }
 
+/// How much of the Landlock ruleset the kernel enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LandlockStatus {
+    /// Every rule, on the only thread.
+    Full,
+    /// Some of the access rights (an older ABI), or with other threads unrestricted.
+    Partial,
+    /// Nothing: the kernel has no Landlock.
+    None,
+}
+
+/// How the seccomp allowlists act on a call they do not list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SeccompStatus {
+    /// Report it and kill the process (`SIGSYS`).
+    Enforced,
+    /// Log it and let it run (`sandbox.seccomp_log_only`, for finding a missing entry).
+    LogOnly,
+}
+
+impl std::fmt::Display for LandlockStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Full => "full",
+            Self::Partial => "partial",
+            Self::None => "none",
+        })
+    }
+}
+
+impl std::fmt::Display for SeccompStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Enforced => "enforced",
+            Self::LogOnly => "log-only",
+        })
+    }
+}
+
 /// What was enforced, for the start-up log and the metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
-    /// Landlock: `"full"`, `"partial"` or `"none"`, and the kernel's ABI.
-    pub landlock: &'static str,
+    /// Landlock, as far as the kernel enforces it.
+    pub landlock: LandlockStatus,
     /// The kernel's Landlock ABI version (0 when unsupported).
     pub landlock_abi: i32,
-    /// Seccomp filters loaded, and whether in log-only mode.
-    pub seccomp: &'static str,
+    /// The seccomp filters' action on an unlisted call.
+    pub seccomp: SeccompStatus,
     /// `no_new_privs` is set.
     pub no_new_privs: bool,
     /// Every capability set, bounding set included, is empty.
@@ -138,8 +179,8 @@ pub struct Status {
 impl Status {
     /// True when every restriction is in force.
     pub fn fully_enforced(&self) -> bool {
-        self.landlock == "full"
-            && self.seccomp == "enforced"
+        self.landlock == LandlockStatus::Full
+            && self.seccomp == SeccompStatus::Enforced
             && self.no_new_privs
             && self.capabilities_dropped
     }
@@ -175,7 +216,7 @@ pub enum Error {
     #[error(
         "Landlock is only {0} enforced by this kernel (ABI {1}); set sandbox.enforcement = \"best-effort\" to run anyway"
     )]
-    LandlockNotEnforced(&'static str, i32),
+    LandlockNotEnforced(LandlockStatus, i32),
     /// A seccomp filter did not compile.
     #[error("seccomp filter for {category}")]
     SeccompCompile {

@@ -114,7 +114,10 @@ fn run_probe(name: &str) {
             ..policy
         };
         match sandbox::prepare(&policy).expect("prepare").apply() {
-            Ok((status, _)) if status.landlock == "partial" && !status.fully_enforced() => {
+            Ok((status, _))
+                if status.landlock == sandbox::LandlockStatus::Partial
+                    && !status.fully_enforced() =>
+            {
                 println!("ALLOWED partial")
             }
             Ok((status, _)) => println!("UNEXPECTED {status:?}"),
@@ -131,7 +134,7 @@ fn run_probe(name: &str) {
             .expect("prepare")
             .apply()
             .expect("apply");
-        assert_eq!(status.seccomp, "log-only");
+        assert_eq!(status.seccomp, sandbox::SeccompStatus::LogOnly);
         assert!(!status.fully_enforced());
         // Denied by the allowlist, but only logged: the call returns (EPERM, unprivileged).
         let _ = raw(libc::SYS_ptrace, [libc::PTRACE_TRACEME as i64, 0, 0, 0]);
