@@ -245,12 +245,95 @@ fn allowed_origin<'a>(allowed: &'a [String], headers: &HeaderMap) -> Option<&'a 
         .map(String::as_str)
 }
 
-/// Known routes and the methods they accept.
-const ROUTES: &[(&str, &str, &str)] = &[
-    ("/v1/chat/completions", "POST", "chat"),
-    ("/v1/completions", "POST", "completions"),
-    ("/v1/models", "GET", "models"),
+/// What a route serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Health,
+    Chat,
+    Completions,
+    Models,
+    Model,
+}
+
+impl Endpoint {
+    /// Its name in the access log.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Health => "health",
+            Self::Chat => "chat",
+            Self::Completions => "completions",
+            Self::Models => "models",
+            Self::Model => "model",
+        }
+    }
+
+    /// Whether the request carries a JSON body (read, bounded, before an in-flight slot).
+    fn reads_body(self) -> bool {
+        matches!(self, Self::Chat | Self::Completions)
+    }
+}
+
+/// Where a route is.
+enum RoutePath {
+    Exact(&'static str),
+    /// `/v1/models/{model}`.
+    ModelId,
+}
+
+/// One entry of the API surface.
+struct Route {
+    path: RoutePath,
+    method: Method,
+    endpoint: Endpoint,
+    /// A CORS preflight from a configured origin is answered for it.
+    preflight: bool,
+}
+
+/// The whole API surface: every other path is 404, and every path, these included, needs a
+/// key first (`/health` may be made anonymous).
+static ROUTES: [Route; 5] = [
+    Route {
+        path: RoutePath::Exact("/health"),
+        method: Method::GET,
+        endpoint: Endpoint::Health,
+        preflight: false,
+    },
+    Route {
+        path: RoutePath::Exact("/v1/chat/completions"),
+        method: Method::POST,
+        endpoint: Endpoint::Chat,
+        preflight: true,
+    },
+    Route {
+        path: RoutePath::Exact("/v1/completions"),
+        method: Method::POST,
+        endpoint: Endpoint::Completions,
+        preflight: true,
+    },
+    Route {
+        path: RoutePath::Exact("/v1/models"),
+        method: Method::GET,
+        endpoint: Endpoint::Models,
+        preflight: true,
+    },
+    Route {
+        path: RoutePath::ModelId,
+        method: Method::GET,
+        endpoint: Endpoint::Model,
+        preflight: false,
+    },
 ];
+
+fn find_route(path: &str) -> Option<&'static Route> {
+    ROUTES.iter().find(|r| match r.path {
+        RoutePath::Exact(p) => p == path,
+        RoutePath::ModelId => models::model_path(path).is_some(),
+    })
+}
+
+fn health() -> Handled {
+    Handled::json(StatusCode::OK, &serde_json::json!({"status": "ok"}), (0, 0))
+}
 
 async fn dispatch<B>(
     state: &Arc<AppState>,
@@ -272,35 +355,22 @@ where
     ctx.key_name = key_name.to_owned();
     state.rate.check(key_name)?;
 
-    if path == "/health" {
-        ctx.route = "health";
-        if req.method() != Method::GET {
-            return Err(ApiError::MethodNotAllowed { allow: "GET" });
-        }
-        return Ok(Handled::json(
-            StatusCode::OK,
-            &serde_json::json!({"status": "ok"}),
-            (0, 0),
-        ));
+    let route = find_route(path).ok_or(ApiError::NotFound)?;
+    ctx.route = route.endpoint.name();
+    if req.method() != route.method {
+        return Err(ApiError::MethodNotAllowed {
+            allow: route.method.as_str(),
+        });
     }
-    let route = ROUTES.iter().find(|(p, _, _)| *p == path);
-    let (_, method, name) = match route {
-        Some(r) => *r,
-        None => match models::model_path(path) {
-            Some(_) => ("/v1/models/{model}", "GET", "model"),
-            None => return Err(ApiError::NotFound),
-        },
-    };
-    ctx.route = name;
-    if req.method().as_str() != method {
-        return Err(ApiError::MethodNotAllowed { allow: method });
+    if route.endpoint == Endpoint::Health {
+        return Ok(health());
     }
     let path = path.to_owned();
     // The body is read (bounded in size and time) before an in-flight slot is taken, so a
     // client that stalls its upload holds no slot.
-    let body = match name {
-        "chat" | "completions" => Some(read_json_body(state, req).await?),
-        _ => None,
+    let body = match route.endpoint.reads_body() {
+        true => Some(read_json_body(state, req).await?),
+        false => None,
     };
     ctx.permit =
         Some(
@@ -312,11 +382,11 @@ where
                     what: "limits.max_in_flight",
                 })?,
         );
-    match (name, body) {
-        ("models", _) => Ok(models::list(state)),
-        ("model", _) => models::get(state, &path),
-        ("chat", Some(body)) => chat::handle(state, body, ctx).await,
-        ("completions", Some(body)) => completions::handle(state, body, ctx).await,
+    match (route.endpoint, body) {
+        (Endpoint::Models, _) => Ok(models::list(state)),
+        (Endpoint::Model, _) => models::get(state, &path),
+        (Endpoint::Chat, Some(body)) => chat::handle(state, body, ctx).await,
+        (Endpoint::Completions, Some(body)) => completions::handle(state, body, ctx).await,
         _ => Err(ApiError::NotFound),
     }
 }
@@ -345,13 +415,12 @@ fn anonymous_answer<B>(
     req: &Request<B>,
     ctx: &mut RequestCtx,
 ) -> Option<Handled> {
-    if state.anonymous_health && req.method() == Method::GET && req.uri().path() == "/health" {
-        ctx.route = "health";
-        return Some(Handled::json(
-            StatusCode::OK,
-            &serde_json::json!({"status": "ok"}),
-            (0, 0),
-        ));
+    if state.anonymous_health
+        && req.method() == Method::GET
+        && find_route(req.uri().path()).is_some_and(|r| r.endpoint == Endpoint::Health)
+    {
+        ctx.route = Endpoint::Health.name();
+        return Some(health());
     }
     if req.method() == Method::OPTIONS
         && let Some(resp) = cors_preflight(state, req)
@@ -372,7 +441,7 @@ fn cors_preflight<B>(state: &AppState, req: &Request<B>) -> Option<ApiResponse> 
     let origin = allowed_origin(&state.cors_origins, req.headers())?;
     req.headers().get(header::ACCESS_CONTROL_REQUEST_METHOD)?;
     let path = req.uri().path();
-    let (_, method, _) = ROUTES.iter().find(|(p, _, _)| *p == path)?;
+    let route = find_route(path).filter(|r| r.preflight)?;
     let mut r = Response::new(ApiBody::full(Bytes::new()));
     *r.status_mut() = StatusCode::NO_CONTENT;
     let h = r.headers_mut();
@@ -382,7 +451,7 @@ fn cors_preflight<B>(state: &AppState, req: &Request<B>) -> Option<ApiResponse> 
     );
     h.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static(method),
+        HeaderValue::from_static(route.method.as_str()),
     );
     h.insert(
         header::ACCESS_CONTROL_ALLOW_HEADERS,
