@@ -328,8 +328,9 @@ fn control_tokens_typed_in_a_message_stay_text() {
 /// top two are within NEAR_TIE nats, rounding decides the order (see
 /// `quantized_kernels_match_llama_cpp`): ours must then be one of the two, and once ours takes
 /// the other one the contexts differ and the comparison of that case ends. The generator marks
-/// a case whose first step llama-server computes differently from llama-cpp-python (one of
-/// five: the prompt with Japanese and an emoji) as inconsistent; it is left out.
+/// a case whose first step differs from llama-cpp-python's as inconsistent; it is left out
+/// (one of five, the prompt with Japanese and an emoji: llama-server reports no
+/// probabilities for a token that ends inside a UTF-8 character, so its steps are shifted).
 #[test]
 fn greedy_decoding_matches_llama_cpp() {
     // A gap is the difference of two log-probabilities, each within LOGPROB_TOLERANCE of
