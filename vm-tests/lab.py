@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -218,11 +219,37 @@ class Lab:
 
     # --- processes ----------------------------------------------------------------------------
 
-    def spawn(self, ns, cmd, log=None):
-        p = subprocess.Popen(["ip", "netns", "exec", ns] + [str(c) for c in cmd], env={**os.environ, "NO_COLOR": "1"},
+    def spawn(self, ns, cmd, log=None, env=None):
+        p = subprocess.Popen(["ip", "netns", "exec", ns] + [str(c) for c in cmd],
+                             env={**os.environ, "NO_COLOR": "1", **(env or {})},
                              stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
         self.procs.append(p)
         return p
+
+    def spawn_engine(self, ns, node, cmd, log):
+        """Start an engine with a readiness socket of its own (sd_notify's NOTIFY_SOCKET): it
+        sends READY=1 once it serves, model loaded (engine/src/notify.rs)."""
+        path = self.tmp / f".notify-{node['name']}"
+        path.unlink(missing_ok=True)
+        node["_ready"] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        node["_ready"].bind(str(path))
+        node["_proc"] = self.spawn(ns, cmd, log=log, env={"NOTIFY_SOCKET": str(path)})
+
+    def wait_ready(self, node, timeout=START_TIMEOUT):
+        """Wait for the engine's READY=1, failing at once if it exits first."""
+        sock, deadline = node["_ready"], time.time() + timeout
+        while time.time() < deadline:
+            if node["_proc"].poll() is not None:
+                raise RuntimeError(f"{node['name']} exited ({node['_proc'].returncode}) before it was ready:\n"
+                                   + node["_log"].read_text(errors="replace")[-3000:])
+            sock.settimeout(0.5)
+            try:
+                if sock.recv(64).startswith(b"READY=1"):
+                    sock.close()
+                    return
+            except TimeoutError:
+                continue
+        raise TimeoutError(f"{node['name']} never reported READY=1")
 
     def probe(self, ns, as_user, **args):
         cmd = [sys.executable, "-c", PROBE, json.dumps(args)]
@@ -251,27 +278,6 @@ class Lab:
                 return
             time.sleep(0.3)
         raise TimeoutError(f"{ns}: {host}:{port} never opened")
-
-    def wait_listening(self, ns, port, proc, timeout=START_TIMEOUT):
-        """Wait for a listening socket without connecting to it (a worker judges every peer)."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{ns}: the process exited ({proc.returncode}) before port {port} listened")
-            if sh("ss", "-Hltn", f"sport = :{port}", ns=ns, check=False).stdout.strip():
-                return
-            time.sleep(0.3)
-        raise TimeoutError(f"{ns}: nothing listens on port {port}")
-
-    def wait_log(self, node, needle, since, timeout=START_TIMEOUT):
-        deadline = time.time() + timeout
-        while needle not in node["_log"].read_text(errors="replace")[since:]:
-            if node["_proc"].poll() is not None:
-                raise RuntimeError(f"{node['name']} exited ({node['_proc'].returncode}) before it logged {needle!r}:\n"
-                                   + node["_log"].read_text(errors="replace")[since:][-3000:])
-            if time.time() > deadline:
-                raise TimeoutError(f"{node['name']} never logged {needle!r}")
-            time.sleep(0.2)
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -375,19 +381,12 @@ class Lab:
             self.record(f"{name}: firewall verify after apply", v.returncode == 0, v.stdout + v.stderr)
 
     def start_node(self, name):
-        """Start the node's engine and wait until it listens and logs `serving`."""
+        """Start the node's engine and wait until it reports READY=1 (it serves)."""
         node = self.nodes[name]
         ns = self.ns(name)
-        since = node["_log"].stat().st_size if node["_log"].exists() else 0
-        log = open(node["_log"], "a")
-        node["_proc"] = self.spawn(ns, [self.bin, "serve", "--config", node["_config"]], log=log)
-        log.close()
-        if node["role"] == "worker":
-            self.wait_listening(ns, node["cluster_port"], node["_proc"])
-        else:
-            self.wait_port(ns, node["address"], node["api_port"], proc=node["_proc"])
-        # Ports are bound before the model loads: wait until the engine says it serves.
-        self.wait_log(node, "serving", since)
+        with open(node["_log"], "a") as log:
+            self.spawn_engine(ns, node, [self.bin, "serve", "--config", node["_config"]], log)
+        self.wait_ready(node)
 
     def wait_pipeline(self):
         """The head answers a chat completion: every stage is connected."""
@@ -421,11 +420,9 @@ class Lab:
                 "_log": self.tmp / ".reference.log"}
         d = self.tmp / ".reference"
         cfg, key = self.init_api_node(d, "127.0.0.1:8443", "127.0.0.1:9464", False)
-        log = open(node["_log"], "w")
-        node["_proc"] = self.spawn(ns, [self.bin, "serve", "--config", cfg], log=log)
-        log.close()
-        self.wait_port(ns, "127.0.0.1", 8443, proc=node["_proc"])
-        self.wait_log(node, "serving", 0)
+        with open(node["_log"], "w") as log:
+            self.spawn_engine(ns, node, [self.bin, "serve", "--config", cfg], log)
+        self.wait_ready(node)
         for p in prompts:
             r = self.http(ns, "root", "127.0.0.1", 8443, d / "cert.pem", "/v1/chat/completions",
                           key=key, body=chat_body(p, SAME_TOKENS_MAX), timeout=120)

@@ -15,5 +15,6 @@ pub mod infer;
 pub mod keys;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod serve;
 pub mod tls;

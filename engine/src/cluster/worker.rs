@@ -48,6 +48,7 @@ pub fn run(cfg: &Config) -> Result<()> {
     let listener = TcpListener::bind(peer.listen)
         .with_context(|| format!("binding cluster.listen {}", peer.listen))?;
     let metrics_listener = crate::serve::bind_metrics(cfg)?;
+    let notifier = crate::notify::Notifier::from_env();
 
     // INVARIANT: confined while single-threaded; every thread started below inherits it.
     let (status, compute_filter) = crate::confine::confine(cfg)?;
@@ -71,6 +72,7 @@ pub fn run(cfg: &Config) -> Result<()> {
         last = hello.last,
         "worker serving"
     );
+    notifier.ready();
     accept_loop(listener, &peer, tls, jobs, hello)
 }
 

@@ -71,6 +71,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         .with_context(|| format!("binding server.listen {}", server.listen))?;
     api_listener.set_nonblocking(true)?;
     let metrics_listener = bind_metrics(&cfg)?;
+    let notifier = crate::notify::Notifier::from_env();
 
     // INVARIANT: confined while single-threaded, before the inference thread, the compute
     // pools and the network runtime exist, so that every one of them inherits the
@@ -97,7 +98,14 @@ pub fn run(config_path: &Path) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the network runtime")?;
-    let result = runtime.block_on(serve(cfg, state, api_listener, metrics_listener, tls));
+    let result = runtime.block_on(serve(
+        cfg,
+        state,
+        api_listener,
+        metrics_listener,
+        tls,
+        notifier,
+    ));
     runtime.shutdown_timeout(Duration::from_secs(1));
     // Every scheduler handle lived in the state, now dropped: the inference thread ends.
     let _ = infer_thread.join();
@@ -376,6 +384,7 @@ async fn serve(
     api: std::net::TcpListener,
     metrics_l: Option<std::net::TcpListener>,
     tls: Option<Arc<rustls::ServerConfig>>,
+    ready: crate::notify::Notifier,
 ) -> Result<()> {
     let server = cfg.api()?.clone();
     let api = tokio::net::TcpListener::from_std(api)?;
@@ -392,6 +401,7 @@ async fn serve(
         metrics = ?cfg.metrics.listen,
         "serving"
     );
+    ready.ready();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
