@@ -2,11 +2,15 @@
 
 use hyper::StatusCode;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::sync::Arc;
 
 use super::error::ApiError;
 use super::openai::{self, ChunkFormat, Prepared, SamplingFields, StopField, StreamOptions};
+use super::responses::{
+    self, AssistantMessage, ChatChoice, ChatChunk, ChatCompletion, ChatLogprobs, ChunkChoice,
+    Delta, Usage,
+};
 use super::{AppState, Handled, RequestCtx};
 use crate::infer::scheduler::{FinishReason, TokenLogprob};
 use crate::model::template::ChatMessage;
@@ -301,40 +305,27 @@ pub async fn handle(
         return Ok(openai::stream(state, ctx, rx, fmt, include_usage));
     }
     let c = openai::collect(rx, ctx).await?;
-    let logprobs = if want_logprobs {
-        json!({ "content": c.logprobs.iter().map(logprob_entry).collect::<Vec<_>>() })
-    } else {
-        Value::Null
-    };
-    let body = json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": { "role": "assistant", "content": c.text },
-            "logprobs": logprobs,
-            "finish_reason": c.finish.as_str(),
+    let body = ChatCompletion {
+        id: &id,
+        object: "chat.completion",
+        created,
+        model: &model,
+        choices: [ChatChoice {
+            index: 0,
+            message: AssistantMessage {
+                role: "assistant",
+                content: &c.text,
+            },
+            logprobs: want_logprobs.then(|| ChatLogprobs::of(&c.logprobs)),
+            finish_reason: c.finish.as_str(),
         }],
-        "usage": openai::usage(c.prompt_tokens, c.completion_tokens),
-    });
+        usage: Usage::new(c.prompt_tokens, c.completion_tokens),
+    };
     Ok(Handled::json(
         StatusCode::OK,
-        &body,
+        &responses::to_value(&body),
         (c.prompt_tokens, c.completion_tokens),
     ))
-}
-
-fn logprob_entry(t: &TokenLogprob) -> Value {
-    json!({
-        "token": t.token,
-        "logprob": t.logprob,
-        "bytes": t.bytes,
-        "top_logprobs": t.top.iter().map(|a| json!({
-            "token": a.token, "logprob": a.logprob, "bytes": a.bytes,
-        })).collect::<Vec<_>>(),
-    })
 }
 
 struct ChatChunks {
@@ -345,44 +336,60 @@ struct ChatChunks {
 }
 
 impl ChatChunks {
-    fn chunk(&self, delta: Value, logprobs: Value, finish: Option<&str>) -> Value {
-        json!({
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-            "model": self.model,
-            "choices": [{ "index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish }],
+    fn chunk(&self, choices: Vec<ChunkChoice<'_>>, usage: Option<Usage>) -> Value {
+        responses::to_value(&ChatChunk {
+            id: &self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage,
         })
+    }
+
+    fn choice<'a>(
+        delta: Delta<'a>,
+        logprobs: Option<ChatLogprobs<'a>>,
+        finish_reason: Option<&'static str>,
+    ) -> Vec<ChunkChoice<'a>> {
+        vec![ChunkChoice {
+            index: 0,
+            delta,
+            logprobs,
+            finish_reason,
+        }]
     }
 }
 
 impl ChunkFormat for ChatChunks {
     fn first(&mut self) -> Option<Value> {
-        Some(self.chunk(
-            json!({ "role": "assistant", "content": "" }),
-            Value::Null,
-            None,
-        ))
+        let delta = Delta {
+            role: Some("assistant"),
+            content: Some(""),
+        };
+        Some(self.chunk(Self::choice(delta, None, None), None))
     }
 
     fn delta(&mut self, text: &str, logprobs: &[TokenLogprob]) -> Option<Value> {
         if text.is_empty() && logprobs.is_empty() {
             return None;
         }
-        let lp = if self.want_logprobs {
-            json!({ "content": logprobs.iter().map(logprob_entry).collect::<Vec<_>>() })
-        } else {
-            Value::Null
+        let lp = self.want_logprobs.then(|| ChatLogprobs::of(logprobs));
+        let delta = Delta {
+            role: None,
+            content: Some(text),
         };
-        Some(self.chunk(json!({ "content": text }), lp, None))
+        Some(self.chunk(Self::choice(delta, lp, None), None))
     }
 
     fn finish(&mut self, finish: FinishReason) -> Value {
-        self.chunk(json!({}), Value::Null, Some(finish.as_str()))
+        self.chunk(
+            Self::choice(Delta::default(), None, Some(finish.as_str())),
+            None,
+        )
     }
 
     fn usage(&mut self, prompt: usize, completion: usize) -> Value {
-        json!({
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-            "model": self.model, "choices": [], "usage": openai::usage(prompt, completion),
-        })
+        self.chunk(Vec::new(), Some(Usage::new(prompt, completion)))
     }
 }

@@ -2,11 +2,12 @@
 
 use hyper::StatusCode;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::sync::Arc;
 
 use super::error::ApiError;
 use super::openai::{self, ChunkFormat, Prepared, SamplingFields, StopField, StreamOptions};
+use super::responses::{self, LegacyLogprobs, TextChoice, TextCompletion, Usage};
 use super::{AppState, Handled, RequestCtx};
 use crate::infer::scheduler::{FinishReason, TokenLogprob};
 
@@ -169,38 +170,24 @@ fn whole_response(
     model: String,
     want_logprobs: bool,
 ) -> Handled {
-    let lp = if want_logprobs {
-        legacy_logprobs(&c.logprobs, 0)
-    } else {
-        Value::Null
+    let body = TextCompletion {
+        id: &id,
+        object: "text_completion",
+        created,
+        model: &model,
+        choices: vec![TextChoice {
+            text: &c.text,
+            index: 0,
+            logprobs: want_logprobs.then(|| LegacyLogprobs::of(&c.logprobs, 0)),
+            finish_reason: Some(c.finish.as_str()),
+        }],
+        usage: Some(Usage::new(c.prompt_tokens, c.completion_tokens)),
     };
-    let body = json!({
-        "id": id, "object": "text_completion", "created": created, "model": model,
-        "choices": [{ "text": c.text, "index": 0, "logprobs": lp, "finish_reason": c.finish.as_str() }],
-        "usage": openai::usage(c.prompt_tokens, c.completion_tokens),
-    });
     Handled::json(
         StatusCode::OK,
-        &body,
+        &responses::to_value(&body),
         (c.prompt_tokens, c.completion_tokens),
     )
-}
-
-/// The completions API's column-wise logprobs shape.
-fn legacy_logprobs(l: &[TokenLogprob], mut offset: usize) -> Value {
-    let mut offsets = Vec::with_capacity(l.len());
-    for t in l {
-        offsets.push(offset);
-        offset += t.token.len();
-    }
-    json!({
-        "tokens": l.iter().map(|t| t.token.clone()).collect::<Vec<_>>(),
-        "token_logprobs": l.iter().map(|t| t.logprob).collect::<Vec<_>>(),
-        "top_logprobs": l.iter().map(|t| {
-            t.top.iter().map(|a| (a.token.clone(), json!(a.logprob))).collect::<serde_json::Map<_, _>>()
-        }).collect::<Vec<_>>(),
-        "text_offset": offsets,
-    })
 }
 
 struct TextChunks {
@@ -212,10 +199,14 @@ struct TextChunks {
 }
 
 impl TextChunks {
-    fn chunk(&self, text: &str, logprobs: Value, finish: Option<&str>) -> Value {
-        json!({
-            "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-            "choices": [{ "text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish }],
+    fn chunk(&self, choices: Vec<TextChoice<'_>>, usage: Option<Usage>) -> Value {
+        responses::to_value(&TextCompletion {
+            id: &self.id,
+            object: "text_completion",
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage,
         })
     }
 }
@@ -229,23 +220,30 @@ impl ChunkFormat for TextChunks {
         if text.is_empty() && logprobs.is_empty() {
             return None;
         }
-        let lp = if self.want_logprobs {
-            legacy_logprobs(logprobs, self.offset)
-        } else {
-            Value::Null
-        };
+        let lp = self
+            .want_logprobs
+            .then(|| LegacyLogprobs::of(logprobs, self.offset));
         self.offset += logprobs.iter().map(|t| t.token.len()).sum::<usize>();
-        Some(self.chunk(text, lp, None))
+        let choice = TextChoice {
+            text,
+            index: 0,
+            logprobs: lp,
+            finish_reason: None,
+        };
+        Some(self.chunk(vec![choice], None))
     }
 
     fn finish(&mut self, finish: FinishReason) -> Value {
-        self.chunk("", Value::Null, Some(finish.as_str()))
+        let choice = TextChoice {
+            text: "",
+            index: 0,
+            logprobs: None,
+            finish_reason: Some(finish.as_str()),
+        };
+        self.chunk(vec![choice], None)
     }
 
     fn usage(&mut self, prompt: usize, completion: usize) -> Value {
-        json!({
-            "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-            "choices": [], "usage": openai::usage(prompt, completion),
-        })
+        self.chunk(Vec::new(), Some(Usage::new(prompt, completion)))
     }
 }

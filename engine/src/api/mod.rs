@@ -17,6 +17,7 @@ pub mod error;
 pub mod limits;
 pub mod models;
 pub mod openai;
+pub mod responses;
 
 use std::sync::Arc;
 use std::time::Instant;

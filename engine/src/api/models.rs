@@ -1,31 +1,31 @@
 //! `GET /v1/models` and `GET /v1/models/{model}`.
 
 use hyper::StatusCode;
-use serde_json::json;
 
 use super::error::ApiError;
+use super::responses::{self, ModelList, ModelObject};
 use super::{AppState, Handled};
 
 pub fn model_path(path: &str) -> Option<&str> {
     path.strip_prefix("/v1/models/").filter(|m| !m.is_empty())
 }
 
-fn model_object(state: &AppState) -> serde_json::Value {
-    json!({
-        "id": state.model.name,
-        "object": "model",
-        "created": state.model.created,
-        "owned_by": "bulwark",
-        "max_model_len": state.model.context_length,
-    })
+fn model_object(state: &AppState) -> ModelObject<'_> {
+    ModelObject {
+        id: &state.model.name,
+        object: "model",
+        created: state.model.created,
+        owned_by: "bulwark",
+        max_model_len: state.model.context_length,
+    }
 }
 
 pub fn list(state: &AppState) -> Handled {
-    Handled::json(
-        StatusCode::OK,
-        &json!({ "object": "list", "data": [model_object(state)] }),
-        (0, 0),
-    )
+    let list = ModelList {
+        object: "list",
+        data: [model_object(state)],
+    };
+    Handled::json(StatusCode::OK, &responses::to_value(&list), (0, 0))
 }
 
 pub fn get(state: &AppState, path: &str) -> Result<Handled, ApiError> {
@@ -35,5 +35,9 @@ pub fn get(state: &AppState, path: &str) -> Result<Handled, ApiError> {
             model: requested.chars().take(128).collect(),
         });
     }
-    Ok(Handled::json(StatusCode::OK, &model_object(state), (0, 0)))
+    Ok(Handled::json(
+        StatusCode::OK,
+        &responses::to_value(&model_object(state)),
+        (0, 0),
+    ))
 }

@@ -339,14 +339,6 @@ pub async fn collect(
     Err(ApiError::Internal)
 }
 
-pub fn usage(prompt: usize, completion: usize) -> serde_json::Value {
-    serde_json::json!({
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    })
-}
-
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
