@@ -8,8 +8,7 @@ use std::sync::Arc;
 use super::error::ApiError;
 use super::openai::{self, ChunkFormat, Prepared, SamplingFields, StopField, StreamOptions};
 use super::responses::{
-    self, AssistantMessage, ChatChoice, ChatChunk, ChatCompletion, ChatLogprobs, ChunkChoice,
-    Delta, Usage,
+    self, AssistantMessage, ChatChoice, ChatLogprobs, ChunkChoice, Completion, Delta, Usage,
 };
 use super::{AppState, Handled, RequestCtx};
 use crate::infer::scheduler::{FinishReason, TokenLogprob};
@@ -305,12 +304,12 @@ pub async fn handle(
         return Ok(openai::stream(state, ctx, rx, fmt, include_usage));
     }
     let c = openai::collect(rx, ctx).await?;
-    let body = ChatCompletion {
+    let body = Completion {
         id: &id,
         object: "chat.completion",
         created,
         model: &model,
-        choices: [ChatChoice {
+        choices: vec![ChatChoice {
             index: 0,
             message: AssistantMessage {
                 role: "assistant",
@@ -319,7 +318,7 @@ pub async fn handle(
             logprobs: want_logprobs.then(|| ChatLogprobs::of(&c.logprobs)),
             finish_reason: c.finish.as_str(),
         }],
-        usage: Usage::new(c.prompt_tokens, c.completion_tokens),
+        usage: Some(Usage::new(c.prompt_tokens, c.completion_tokens)),
     };
     Ok(Handled::json(
         StatusCode::OK,
@@ -337,7 +336,7 @@ struct ChatChunks {
 
 impl ChatChunks {
     fn chunk(&self, choices: Vec<ChunkChoice<'_>>, usage: Option<Usage>) -> Value {
-        responses::to_value(&ChatChunk {
+        responses::to_value(&Completion {
             id: &self.id,
             object: "chat.completion.chunk",
             created: self.created,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::error::ApiError;
 use super::openai::{self, ChunkFormat, Prepared, SamplingFields, StopField, StreamOptions};
-use super::responses::{self, LegacyLogprobs, TextChoice, TextCompletion, Usage};
+use super::responses::{self, Completion, LegacyLogprobs, TextChoice, Usage};
 use super::{AppState, Handled, RequestCtx};
 use crate::infer::scheduler::{FinishReason, TokenLogprob};
 
@@ -170,7 +170,7 @@ fn whole_response(
     model: String,
     want_logprobs: bool,
 ) -> Handled {
-    let body = TextCompletion {
+    let body = Completion {
         id: &id,
         object: "text_completion",
         created,
@@ -200,7 +200,7 @@ struct TextChunks {
 
 impl TextChunks {
     fn chunk(&self, choices: Vec<TextChoice<'_>>, usage: Option<Usage>) -> Value {
-        responses::to_value(&TextCompletion {
+        responses::to_value(&Completion {
             id: &self.id,
             object: "text_completion",
             created: self.created,

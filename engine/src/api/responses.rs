@@ -24,15 +24,19 @@ impl Usage {
     }
 }
 
-/// `POST /v1/chat/completions`, not streamed.
+/// What every completion object holds around its choices: chat or text, whole or one
+/// streamed chunk (the last chunk, with `stream_options.include_usage`, has no choices and
+/// the usage).
 #[derive(Serialize)]
-pub struct ChatCompletion<'a> {
+pub struct Completion<'a, C> {
     pub id: &'a str,
+    /// `chat.completion`, `chat.completion.chunk` or `text_completion`.
     pub object: &'static str,
     pub created: u64,
     pub model: &'a str,
-    pub choices: [ChatChoice<'a>; 1],
-    pub usage: Usage,
+    pub choices: Vec<C>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
 }
 
 #[derive(Serialize)]
@@ -47,19 +51,6 @@ pub struct ChatChoice<'a> {
 pub struct AssistantMessage<'a> {
     pub role: &'static str,
     pub content: &'a str,
-}
-
-/// One streamed chunk of a chat completion; the last, with `stream_options.include_usage`,
-/// has no choices and the usage.
-#[derive(Serialize)]
-pub struct ChatChunk<'a> {
-    pub id: &'a str,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: &'a str,
-    pub choices: Vec<ChunkChoice<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Usage>,
 }
 
 #[derive(Serialize)]
@@ -121,18 +112,6 @@ impl<'a> ChatLogprobs<'a> {
             .collect();
         Self { content }
     }
-}
-
-/// `POST /v1/completions`, whole or one streamed chunk (the usage chunk has no choices).
-#[derive(Serialize)]
-pub struct TextCompletion<'a> {
-    pub id: &'a str,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: &'a str,
-    pub choices: Vec<TextChoice<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Usage>,
 }
 
 #[derive(Serialize)]
