@@ -159,6 +159,10 @@ mod tests {
                 assert_eq!(l["reason"], a.reason);
             }
         }
-        assert!(v["categories"]["process"].to_string().contains("\"accept4\""));
+        assert!(
+            v["categories"]["process"]
+                .to_string()
+                .contains("\"accept4\"")
+        );
     }
 }
