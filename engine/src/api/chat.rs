@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::error::ApiError;
 use super::openai::{self, ChunkFormat, Prepared, SamplingFields, StopField, StreamOptions};
 use super::responses::{
-    self, AssistantMessage, ChatChoice, ChatLogprobs, ChunkChoice, Completion, Delta, Usage,
+    AssistantMessage, ChatChoice, ChatLogprobs, ChunkChoice, CompletionIds, Delta, Usage,
 };
 use super::{AppState, Handled, RequestCtx};
 use crate::infer::scheduler::{FinishReason, TokenLogprob};
@@ -291,59 +291,37 @@ pub async fn handle(
         .map_err(|_| ApiError::Internal)??;
     let want_logprobs = prepared.logprobs.is_some();
     let rx = openai::submit(state, ctx, prepared)?;
-    let id = format!("chatcmpl-{}", ctx.request_id);
-    let created = openai::unix_now();
-    let model = state.model.name.clone();
+    let ids = CompletionIds::new("chatcmpl", &ctx.request_id, &state.model.name);
     if stream {
-        let fmt = ChatChunks {
-            id,
-            created,
-            model,
-            want_logprobs,
-        };
+        let fmt = ChatChunks { ids, want_logprobs };
         return Ok(openai::stream(state, ctx, rx, fmt, include_usage));
     }
     let c = openai::collect(rx, ctx).await?;
-    let body = Completion {
-        id: &id,
-        object: "chat.completion",
-        created,
-        model: &model,
-        choices: vec![ChatChoice {
-            index: 0,
-            message: AssistantMessage {
-                role: "assistant",
-                content: &c.text,
-            },
-            logprobs: want_logprobs.then(|| ChatLogprobs::of(&c.logprobs)),
-            finish_reason: c.finish.as_str(),
-        }],
-        usage: Some(Usage::new(c.prompt_tokens, c.completion_tokens)),
+    let choice = ChatChoice {
+        index: 0,
+        message: AssistantMessage {
+            role: "assistant",
+            content: &c.text,
+        },
+        logprobs: want_logprobs.then(|| ChatLogprobs::of(&c.logprobs)),
+        finish_reason: c.finish.as_str(),
     };
+    let usage = Usage::new(c.prompt_tokens, c.completion_tokens);
     Ok(Handled::json(
         StatusCode::OK,
-        &responses::to_value(&body),
+        &ids.object("chat.completion", vec![choice], Some(usage)),
         (c.prompt_tokens, c.completion_tokens),
     ))
 }
 
 struct ChatChunks {
-    id: String,
-    created: u64,
-    model: String,
+    ids: CompletionIds,
     want_logprobs: bool,
 }
 
 impl ChatChunks {
     fn chunk(&self, choices: Vec<ChunkChoice<'_>>, usage: Option<Usage>) -> Value {
-        responses::to_value(&Completion {
-            id: &self.id,
-            object: "chat.completion.chunk",
-            created: self.created,
-            model: &self.model,
-            choices,
-            usage,
-        })
+        self.ids.object("chat.completion.chunk", choices, usage)
     }
 
     fn choice<'a>(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::error::ApiError;
 use super::openai::{self, ChunkFormat, Prepared, SamplingFields, StopField, StreamOptions};
-use super::responses::{self, Completion, LegacyLogprobs, TextChoice, Usage};
+use super::responses::{CompletionIds, LegacyLogprobs, TextChoice, Usage};
 use super::{AppState, Handled, RequestCtx};
 use crate::infer::scheduler::{FinishReason, TokenLogprob};
 
@@ -145,69 +145,40 @@ pub async fn handle(
             logprobs,
         },
     )?;
-    let id = format!("cmpl-{}", ctx.request_id);
-    let created = openai::unix_now();
-    let model = state.model.name.clone();
+    let ids = CompletionIds::new("cmpl", &ctx.request_id, &state.model.name);
+    let want_logprobs = logprobs.is_some();
     if stream {
         let fmt = TextChunks {
-            id,
-            created,
-            model,
-            want_logprobs: logprobs.is_some(),
+            ids,
+            want_logprobs,
             offset: 0,
         };
         return Ok(openai::stream(state, ctx, rx, fmt, include_usage));
     }
     let c = openai::collect(rx, ctx).await?;
-    Ok(whole_response(&c, id, created, model, logprobs.is_some()))
-}
-
-/// The non-streaming answer: one `text_completion` with usage.
-fn whole_response(
-    c: &openai::Collected,
-    id: String,
-    created: u64,
-    model: String,
-    want_logprobs: bool,
-) -> Handled {
-    let body = Completion {
-        id: &id,
-        object: "text_completion",
-        created,
-        model: &model,
-        choices: vec![TextChoice {
-            text: &c.text,
-            index: 0,
-            logprobs: want_logprobs.then(|| LegacyLogprobs::of(&c.logprobs, 0)),
-            finish_reason: Some(c.finish.as_str()),
-        }],
-        usage: Some(Usage::new(c.prompt_tokens, c.completion_tokens)),
+    let choice = TextChoice {
+        text: &c.text,
+        index: 0,
+        logprobs: want_logprobs.then(|| LegacyLogprobs::of(&c.logprobs, 0)),
+        finish_reason: Some(c.finish.as_str()),
     };
-    Handled::json(
+    let usage = Usage::new(c.prompt_tokens, c.completion_tokens);
+    Ok(Handled::json(
         StatusCode::OK,
-        &responses::to_value(&body),
+        &ids.object("text_completion", vec![choice], Some(usage)),
         (c.prompt_tokens, c.completion_tokens),
-    )
+    ))
 }
 
 struct TextChunks {
-    id: String,
-    created: u64,
-    model: String,
+    ids: CompletionIds,
     want_logprobs: bool,
     offset: usize,
 }
 
 impl TextChunks {
     fn chunk(&self, choices: Vec<TextChoice<'_>>, usage: Option<Usage>) -> Value {
-        responses::to_value(&Completion {
-            id: &self.id,
-            object: "text_completion",
-            created: self.created,
-            model: &self.model,
-            choices,
-            usage,
-        })
+        self.ids.object("text_completion", choices, usage)
     }
 }
 

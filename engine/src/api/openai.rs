@@ -339,12 +339,6 @@ pub async fn collect(
     Err(ApiError::Internal)
 }
 
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Turns scheduler events into the JSON chunks of one endpoint's stream.
 pub trait ChunkFormat: Send + 'static {
     fn first(&mut self) -> Option<serde_json::Value>;

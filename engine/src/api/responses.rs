@@ -39,6 +39,43 @@ pub struct Completion<'a, C> {
     pub usage: Option<Usage>,
 }
 
+/// What every object of one completion repeats: its id, creation time and model.
+pub struct CompletionIds {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+impl CompletionIds {
+    /// `prefix-<request id>`, created now, for the served model.
+    pub fn new(prefix: &str, request_id: &str, model: &str) -> Self {
+        Self {
+            id: format!("{prefix}-{request_id}"),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            model: model.to_owned(),
+        }
+    }
+
+    /// One object of this completion, as JSON.
+    pub fn object<C: Serialize>(
+        &self,
+        object: &'static str,
+        choices: Vec<C>,
+        usage: Option<Usage>,
+    ) -> serde_json::Value {
+        to_value(&Completion {
+            id: &self.id,
+            object,
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage,
+        })
+    }
+}
+
 #[derive(Serialize)]
 pub struct ChatChoice<'a> {
     pub index: u32,
