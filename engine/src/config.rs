@@ -69,6 +69,37 @@ fn default_shutdown_grace() -> u64 {
     10
 }
 
+/// How the API listener talks, derived once from `server.plaintext`, `tls_cert`, `tls_key` and
+/// `client_ca` (validation has refused every other combination, each by name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport<'a> {
+    /// TLS with this certificate and key; with `client_ca`, a client must present a
+    /// certificate it signed.
+    Tls {
+        cert: &'a Path,
+        key: &'a Path,
+        client_ca: Option<&'a Path>,
+    },
+    /// Plain HTTP, on a loopback address only.
+    LoopbackPlaintext,
+}
+
+impl ServerConfig {
+    pub fn transport(&self) -> Result<Transport<'_>> {
+        match (self.plaintext, &self.tls_cert, &self.tls_key) {
+            (true, None, None) => Ok(Transport::LoopbackPlaintext),
+            (false, Some(cert), Some(key)) => Ok(Transport::Tls {
+                cert,
+                key,
+                client_ca: self.client_ca.as_deref(),
+            }),
+            _ => bail!(
+                "server.tls_cert and server.tls_key are required unless server.plaintext = true"
+            ),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
@@ -382,6 +413,7 @@ impl Config {
     }
 
     /// The API section; present on every node but a cluster worker (checked by `validate`).
+    /// The API listener's settings (`[server]`; a cluster worker has none).
     pub fn api(&self) -> Result<&ServerConfig> {
         self.server
             .as_ref()
@@ -677,6 +709,29 @@ name = "smollm2"
     #[test]
     fn minimal_config_is_valid() {
         parse(&base()).unwrap();
+    }
+
+    /// The listener's transport is decided once, from the validated keys.
+    #[test]
+    fn transport_is_tls_or_loopback_plaintext() {
+        let tls = parse(&base().replace("keys_file", "client_ca = \"ca.pem\"\nkeys_file")).unwrap();
+        assert_eq!(
+            tls.api().unwrap().transport().unwrap(),
+            Transport::Tls {
+                cert: Path::new("cert.pem"),
+                key: Path::new("key.pem"),
+                client_ca: Some(Path::new("ca.pem")),
+            }
+        );
+        let plain = base().replace("0.0.0.0:8443", "127.0.0.1:8443").replace(
+            "tls_cert = \"cert.pem\"\ntls_key = \"key.pem\"",
+            "plaintext = true",
+        );
+        let plain = parse(&plain).unwrap();
+        assert_eq!(
+            plain.api().unwrap().transport().unwrap(),
+            Transport::LoopbackPlaintext
+        );
     }
 
     #[test]

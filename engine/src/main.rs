@@ -243,13 +243,7 @@ fn check_files_of(cfg: &Config) -> Result<()> {
         return check_model_pin(cfg);
     };
     bulwark::keys::KeyStore::load(&cfg.resolve(&server.keys_file))?;
-    if let (Some(c), Some(k)) = (&server.tls_cert, &server.tls_key) {
-        bulwark::tls::server_config(
-            &cfg.resolve(c),
-            &cfg.resolve(k),
-            server.client_ca.as_ref().map(|p| cfg.resolve(p)).as_deref(),
-        )?;
-    }
+    bulwark::serve::api_tls(cfg)?;
     check_model_pin(cfg)
 }
 

@@ -42,15 +42,7 @@ pub fn run(config_path: &Path) -> Result<()> {
     }
     let server = cfg.api()?;
     let keys = KeyStore::load(&cfg.resolve(&server.keys_file))?;
-    let tls = match (&server.tls_cert, &server.tls_key, server.plaintext) {
-        (_, _, true) => None,
-        (Some(c), Some(k), false) => Some(Arc::new(crate::tls::server_config(
-            &cfg.resolve(c),
-            &cfg.resolve(k),
-            server.client_ca.as_ref().map(|p| cfg.resolve(p)).as_deref(),
-        )?)),
-        _ => anyhow::bail!("server.tls_cert and server.tls_key are required"),
-    };
+    let tls = api_tls(&cfg)?;
     // A cluster head reads its identity now: nothing is readable once confined.
     let cluster_client = head_client_config(&cfg)?;
     // A GPU is opened, and the model loaded and run once on it, before confinement: the CUDA
@@ -110,6 +102,23 @@ pub fn run(config_path: &Path) -> Result<()> {
     // Every scheduler handle lived in the state, now dropped: the inference thread ends.
     let _ = infer_thread.join();
     result
+}
+
+/// The API's TLS configuration (certificate, key, client CA read now), or `None` for loopback
+/// plaintext.
+pub fn api_tls(cfg: &Config) -> Result<Option<Arc<rustls::ServerConfig>>> {
+    Ok(match cfg.api()?.transport()? {
+        crate::config::Transport::LoopbackPlaintext => None,
+        crate::config::Transport::Tls {
+            cert,
+            key,
+            client_ca,
+        } => Some(Arc::new(crate::tls::server_config(
+            &cfg.resolve(cert),
+            &cfg.resolve(key),
+            client_ca.map(|p| cfg.resolve(p)).as_deref(),
+        )?)),
+    })
 }
 
 /// The metrics listener, bound before confinement (non-blocking, for the network runtime).
