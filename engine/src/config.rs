@@ -212,6 +212,24 @@ impl Default for EngineConfig {
     }
 }
 
+/// A network of `firewall.api_sources` (`10.1.0.0/16`, `2001:db8::/32`), parsed once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SourceCidr(pub firewall::Cidr);
+
+impl TryFrom<String> for SourceCidr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse().map(Self).map_err(|e: firewall::Error| e.to_string())
+    }
+}
+
+impl From<SourceCidr> for String {
+    fn from(c: SourceCidr) -> String {
+        c.0.to_string()
+    }
+}
+
 /// Where the model computes: `engine.device`, parsed once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(try_from = "String", into = "String")]
@@ -316,7 +334,7 @@ pub struct FirewallConfig {
     /// nftables table (family inet) that holds Bulwark's rules.
     pub table: String,
     /// Networks allowed to reach the API port (`ADDR/LEN`); empty means any.
-    pub api_sources: Vec<String>,
+    pub api_sources: Vec<SourceCidr>,
     /// New API connections per second allowed from one source address; 0 disables the limit.
     pub api_new_connections_per_second: u32,
     /// Burst above that rate.
@@ -520,10 +538,6 @@ impl Config {
             self.sandbox.user != "root" && self.sandbox.user != "0",
             "sandbox.user must be an unprivileged user, not root"
         );
-        for c in &self.firewall.api_sources {
-            c.parse::<firewall::Cidr>()
-                .with_context(|| format!("firewall.api_sources entry {c:?}"))?;
-        }
         ensure!(
             !self.firewall.table.is_empty()
                 && self.firewall.table.len() <= 32

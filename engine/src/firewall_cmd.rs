@@ -22,11 +22,7 @@ pub fn policy(cfg: &Config) -> Result<firewall::Policy> {
     Ok(firewall::Policy {
         table: f.table.clone(),
         api_port: cfg.server.as_ref().map(|s| s.listen.port()),
-        api_sources: f
-            .api_sources
-            .iter()
-            .map(|c| c.parse())
-            .collect::<Result<_, _>>()?,
+        api_sources: f.api_sources.iter().map(|c| c.0).collect(),
         api_rate: (f.api_new_connections_per_second > 0).then_some(firewall::Rate {
             per_second: f.api_new_connections_per_second,
             burst: f.api_new_connections_burst,
