@@ -220,7 +220,9 @@ pub struct SourceCidr(pub firewall::Cidr);
 impl TryFrom<String> for SourceCidr {
     type Error = String;
     fn try_from(s: String) -> Result<Self, String> {
-        s.parse().map(Self).map_err(|e: firewall::Error| e.to_string())
+        s.parse()
+            .map(Self)
+            .map_err(|e: firewall::Error| e.to_string())
     }
 }
 
@@ -694,30 +696,42 @@ fn validate_origin(o: &str) -> Result<()> {
     Ok(())
 }
 
+/// The one builder of configurations for the library's unit tests (the integration tests
+/// have `engine/tests/it/util.rs::config`, which points at the real demo model).
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testing {
+    use super::{Config, explain_toml_error};
 
-    fn base() -> String {
-        r#"
-[server]
-listen = "0.0.0.0:8443"
-tls_cert = "cert.pem"
-tls_key = "key.pem"
-keys_file = "keys"
-[model]
-path = "m.gguf"
-sha256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-name = "smollm2"
-"#
-        .to_owned()
+    /// `[server]` (TLS on 0.0.0.0:8443) and `[model]`, as TOML.
+    pub(crate) fn server_base() -> String {
+        format!("[server]\n{}{}", server_keys(), model_section())
     }
 
-    fn parse(s: &str) -> Result<Config> {
+    /// `[model]` alone, as TOML: what a cluster worker's configuration starts with.
+    pub(crate) fn model_section() -> String {
+        "[model]\npath = \"m.gguf\"\nsha256 = \"b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53\"\nname = \"smollm2\"\n".to_owned()
+    }
+
+    fn server_keys() -> &'static str {
+        "listen = \"0.0.0.0:8443\"\ntls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\nkeys_file = \"keys\"\n"
+    }
+
+    /// Parses and validates, with the errors the server itself would print.
+    pub(crate) fn parse(s: &str) -> anyhow::Result<Config> {
         let cfg: Config =
             toml::from_str(s).map_err(|e| anyhow::anyhow!("{}", explain_toml_error(s, &e)))?;
         cfg.validate()?;
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::parse;
+    use super::*;
+
+    fn base() -> String {
+        super::testing::server_base()
     }
 
     #[test]

@@ -204,13 +204,10 @@ mod tests {
 
     fn config(extra: &str) -> Config {
         let text = format!(
-            "[server]\nlisten = \"0.0.0.0:8443\"\ntls_cert = \"c\"\ntls_key = \"k\"\nkeys_file = \"keys\"\n\
-             [model]\npath = \"m\"\nsha256 = \"{}\"\nname = \"m\"\n[sandbox]\nuser = \"65534\"\ngroup = \"65534\"\n{extra}",
-            "0".repeat(64)
+            "{}[sandbox]\nuser = \"65534\"\ngroup = \"65534\"\n{extra}",
+            crate::config::testing::server_base()
         );
-        let cfg: Config = toml::from_str(&text).unwrap();
-        cfg.validate().unwrap();
-        cfg
+        crate::config::testing::parse(&text).unwrap()
     }
 
     #[test]
@@ -241,13 +238,12 @@ mod tests {
     #[test]
     fn worker_opens_its_cluster_port_to_the_head_only_and_no_api() {
         let text = format!(
-            "[model]\npath = \"m\"\nsha256 = \"{}\"\nname = \"m\"\n[sandbox]\nuser = \"65534\"\ngroup = \"65534\"\n\
+            "{}[sandbox]\nuser = \"65534\"\ngroup = \"65534\"\n\
              [cluster]\nrole = \"worker\"\nname = \"worker-1\"\n{CLUSTER_FILES}layers = [15, 30]\n\
              listen = \"10.89.0.11:7070\"\nhead_name = \"head\"\nhead_address = \"10.89.0.10\"\n",
-            "0".repeat(64)
+            crate::config::testing::model_section()
         );
-        let cfg: Config = toml::from_str(&text).unwrap();
-        cfg.validate().unwrap();
+        let cfg = crate::config::testing::parse(&text).unwrap();
         let p = policy(&cfg).unwrap();
         assert_eq!(p.api_port, None);
         assert_eq!(p.internal.len(), 1);

@@ -65,13 +65,12 @@ fn worker(pki: &Pki, name: &str, layers: [usize; 2], head_address: &str) -> Sock
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let text = format!(
-        "[model]\npath = {path:?}\nsha256 = \"{sha}\"\nname = \"m\"\ncontext_length = 512\n\
+        "{model}context_length = 512\n\
          [cluster]\nrole = \"worker\"\nname = \"{name}\"\n{files}layers = [{}, {}]\n\
          listen = \"{addr}\"\nhead_name = \"head\"\nhead_address = \"{head_address}\"\n",
         layers[0],
         layers[1],
-        path = util::model_path(),
-        sha = util::model_sha256(),
+        model = util::model_toml("m"),
         files = pki.files(name),
     );
     let cfg: Config = toml::from_str(&text).unwrap();

@@ -62,17 +62,25 @@ pub struct TestState {
 }
 
 /// A configuration for the demo model; `extra` is appended TOML (sections of its own).
+/// The one configuration builder of the integration tests.
 pub fn config(extra: &str) -> Config {
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:1\"\nplaintext = true\nkeys_file = \"unused\"\n\
-         [model]\npath = {path:?}\nsha256 = \"{sha}\"\nname = \"{name}\"\n{extra}",
-        path = model_path().display().to_string(),
-        sha = model_sha256(),
-        name = model_name(),
+        "[server]\nlisten = \"127.0.0.1:1\"\nplaintext = true\nkeys_file = \"unused\"\n{}{extra}",
+        model_toml(model_name())
     );
     let cfg: Config = toml::from_str(&text).unwrap();
     cfg.validate().unwrap();
     cfg
+}
+
+/// The demo model's `[model]` section served as `name` (a worker's configuration starts
+/// with it; it has no `[server]`).
+pub fn model_toml(name: &str) -> String {
+    format!(
+        "[model]\npath = {path:?}\nsha256 = \"{sha}\"\nname = \"{name}\"\n",
+        path = model_path().display().to_string(),
+        sha = model_sha256(),
+    )
 }
 
 pub fn state(extra: &str) -> TestState {
