@@ -196,8 +196,14 @@ def wait_until_serving():
                 machine.wait_for_open_port(node["cluster_port"], addr=node["address"], timeout=300)
             else:
                 machine.wait_for_open_port(node["api_port"], addr=node["address"], timeout=300)
-                # The port is bound before the model loads; the journal says when it serves.
-                machine.wait_until_succeeds("journalctl -u bulwark.service -o cat | grep -q serving", timeout=300)
+                # The port is bound before the model loads: ready when /health answers (a
+                # connection waits in the listen backlog until then).
+                machine.wait_until_succeeds(
+                    f"curl --silent --fail --max-time 5 --cacert {api_ca()}"
+                    f' -H "Authorization: Bearer {api_key_of(node["name"])}"'
+                    f" https://{node['address']}:{node['api_port']}/health",
+                    timeout=300,
+                )
 
 
 start = time.monotonic()
