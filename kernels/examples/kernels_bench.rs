@@ -164,56 +164,24 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mut rng = Rng(7);
     if args.get(1).map(String::as_str) == Some("--calls") {
-        let calls: usize = args[2].parse().expect("calls");
-        let isa = parse_isa(&args[3]);
-        let format = parse_format(&args[4]);
-        let (n, k) = args[5].split_once('x').expect("NOUTxK");
-        let (n_out, k): (usize, usize) = (n.parse().unwrap(), k.parse().unwrap());
-        let rows: usize = args[6].parse().expect("rows");
-        let w = PackedMatrix::pack(format, &gguf(format, n_out, k, &mut rng), n_out, k).unwrap();
-        let x: Vec<f32> = (0..rows * k).map(|_| rng.f()).collect();
-        let acts = QuantizedActs::quantize(format.act_format(), &x, k).unwrap();
-        let mut out = vec![0.0; rows * n_out];
-        if !isa.is_available() {
-            eprintln!("{isa:?} not available here");
-            std::process::exit(2);
-        }
-        for _ in 0..calls {
-            one(isa, &w, &acts, 0..n_out, &mut out);
-        }
-        black_box(&out);
-        return;
+        return repeat_calls(&args, &mut rng);
     }
-
     // `--only PATH [ROWS]`: time just one path (and one activation-row count) for quick checks.
     let only = (args.get(1).map(String::as_str) == Some("--only")).then(|| parse_isa(&args[2]));
     let only_rows: Option<usize> = only.and(args.get(3)).map(|r| r.parse().expect("rows"));
     let buf: Vec<u64> = (0..BW_BYTES / 8).map(|i| i as u64).collect();
-    let (bw1, bw2) = (bandwidth(&buf, 1), bandwidth(&buf, 2));
+    let bw = (bandwidth(&buf, 1), bandwidth(&buf, 2));
     drop(buf);
     println!(
-        "read bandwidth (512 MiB buffer sum, best of {BATCHES}): 1 thread {bw1:.1} GB/s, 2 threads {bw2:.1} GB/s"
+        "read bandwidth (512 MiB buffer sum, best of {BATCHES}): 1 thread {:.1} GB/s, 2 threads {:.1} GB/s",
+        bw.0, bw.1
     );
     let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.is_available()).collect();
     println!(
         "kernel paths available: {isas:?}; default {:?}",
         Isa::detect()
     );
-
-    // Activation quantization cost (done once per call, by one thread).
-    for k in [576usize, 1536] {
-        let x: Vec<f32> = (0..64 * k).map(|_| rng.f()).collect();
-        let mut acts = QuantizedActs::default();
-        let t = Instant::now();
-        let reps = 200;
-        for _ in 0..reps {
-            acts.quantize_into(kernels::ActFormat::Q8_1, black_box(&x), k)
-                .unwrap();
-        }
-        let ns = t.elapsed().as_secs_f64() * 1e9 / (reps * 64) as f64;
-        println!("quantize one activation row of {k} to Q8_1: {ns:.0} ns");
-    }
-
+    quantization_cost(&mut rng);
     println!();
     println!(
         "| weights | shape (out x in) | act rows | path | threads | us/call | GB/s | GMAC/s | % of bw | hot GB/s | hot GMAC/s |"
@@ -227,41 +195,94 @@ fn main() {
         (WeightFormat::Q4_0, 3072, 576),
     ];
     for (format, n_out, k) in shapes {
-        let g = gguf(format, n_out, k, &mut rng);
-        let one_mat = PackedMatrix::pack(format, &g, n_out, k).unwrap();
-        let copies = STREAM_BYTES.div_ceil(one_mat.packed_bytes()).max(2);
-        let stream: Vec<PackedMatrix> = (0..copies)
-            .map(|_| PackedMatrix::pack(format, &g, n_out, k).unwrap())
-            .collect();
-        let hot = [one_mat];
-        let bytes = hot[0].packed_bytes() as f64;
-        for rows in [1usize, 4, 16, 64] {
-            let x: Vec<f32> = (0..rows * k).map(|_| rng.f()).collect();
-            let acts = QuantizedActs::quantize(format.act_format(), &x, k).unwrap();
-            let macs = (n_out * k * rows) as f64;
-            for &isa in &isas {
-                if only.is_some_and(|o| o != isa) || only_rows.is_some_and(|r| r != rows) {
-                    continue;
-                }
-                if isa == Isa::Scalar && (rows > 1 || n_out > 3072) {
-                    continue; // minutes per figure; the scalar path is a fallback
-                }
-                let threads_list: &[usize] = if isa == Isa::detect() { &[1, 2] } else { &[1] };
-                for &threads in threads_list {
-                    let t = time_calls(isa, &stream, &acts, threads);
-                    let th = time_calls(isa, &hot, &acts, threads);
-                    let bw = if threads == 1 { bw1 } else { bw2 };
-                    println!(
-                        "| {format:?} | {n_out}x{k} | {rows} | {} | {threads} | {:.1} | {:.1} | {:.1} | {:.0}% | {:.1} | {:.1} |",
-                        name(isa),
-                        t * 1e6,
-                        bytes / t / 1e9,
-                        macs / t / 1e9,
-                        100.0 * bytes / t / 1e9 / bw,
-                        bytes / th / 1e9,
-                        macs / th / 1e9,
-                    );
-                }
+        table_rows(format, n_out, k, &isas, (only, only_rows), bw, &mut rng);
+    }
+}
+
+/// `--calls N PATH FORMAT NOUTxK ROWS`: one kernel call N times (for callgrind).
+fn repeat_calls(args: &[String], rng: &mut Rng) {
+    let calls: usize = args[2].parse().expect("calls");
+    let isa = parse_isa(&args[3]);
+    let format = parse_format(&args[4]);
+    let (n, k) = args[5].split_once('x').expect("NOUTxK");
+    let (n_out, k): (usize, usize) = (n.parse().unwrap(), k.parse().unwrap());
+    let rows: usize = args[6].parse().expect("rows");
+    let w = PackedMatrix::pack(format, &gguf(format, n_out, k, rng), n_out, k).unwrap();
+    let x: Vec<f32> = (0..rows * k).map(|_| rng.f()).collect();
+    let acts = QuantizedActs::quantize(format.act_format(), &x, k).unwrap();
+    let mut out = vec![0.0; rows * n_out];
+    if !isa.is_available() {
+        eprintln!("{isa:?} not available here");
+        std::process::exit(2);
+    }
+    for _ in 0..calls {
+        one(isa, &w, &acts, 0..n_out, &mut out);
+    }
+    black_box(&out);
+}
+
+/// Activation quantization cost (done once per call, by one thread).
+fn quantization_cost(rng: &mut Rng) {
+    for k in [576usize, 1536] {
+        let x: Vec<f32> = (0..64 * k).map(|_| rng.f()).collect();
+        let mut acts = QuantizedActs::default();
+        let t = Instant::now();
+        let reps = 200;
+        for _ in 0..reps {
+            acts.quantize_into(kernels::ActFormat::Q8_1, black_box(&x), k)
+                .unwrap();
+        }
+        let ns = t.elapsed().as_secs_f64() * 1e9 / (reps * 64) as f64;
+        println!("quantize one activation row of {k} to Q8_1: {ns:.0} ns");
+    }
+}
+
+/// The table's rows for one weight shape: every path, activation-row count and thread count,
+/// streamed from DRAM and hot. `only` narrows to one path and row count; `bw` is the read
+/// bandwidth with 1 and 2 threads.
+fn table_rows(
+    format: WeightFormat,
+    n_out: usize,
+    k: usize,
+    isas: &[Isa],
+    only: (Option<Isa>, Option<usize>),
+    bw: (f64, f64),
+    rng: &mut Rng,
+) {
+    let g = gguf(format, n_out, k, rng);
+    let one_mat = PackedMatrix::pack(format, &g, n_out, k).unwrap();
+    let copies = STREAM_BYTES.div_ceil(one_mat.packed_bytes()).max(2);
+    let stream: Vec<PackedMatrix> = (0..copies)
+        .map(|_| PackedMatrix::pack(format, &g, n_out, k).unwrap())
+        .collect();
+    let hot = [one_mat];
+    let bytes = hot[0].packed_bytes() as f64;
+    for rows in [1usize, 4, 16, 64] {
+        let x: Vec<f32> = (0..rows * k).map(|_| rng.f()).collect();
+        let acts = QuantizedActs::quantize(format.act_format(), &x, k).unwrap();
+        let macs = (n_out * k * rows) as f64;
+        for &isa in isas {
+            if only.0.is_some_and(|o| o != isa) || only.1.is_some_and(|r| r != rows) {
+                continue;
+            }
+            if isa == Isa::Scalar && (rows > 1 || n_out > 3072) {
+                continue; // minutes per figure; the scalar path is a fallback
+            }
+            let threads_list: &[usize] = if isa == Isa::detect() { &[1, 2] } else { &[1] };
+            for &threads in threads_list {
+                let t = time_calls(isa, &stream, &acts, threads);
+                let th = time_calls(isa, &hot, &acts, threads);
+                let bw = if threads == 1 { bw.0 } else { bw.1 };
+                println!(
+                    "| {format:?} | {n_out}x{k} | {rows} | {} | {threads} | {:.1} | {:.1} | {:.1} | {:.0}% | {:.1} | {:.1} |",
+                    name(isa),
+                    t * 1e6,
+                    bytes / t / 1e9,
+                    macs / t / 1e9,
+                    100.0 * bytes / t / 1e9 / bw,
+                    bytes / th / 1e9,
+                    macs / th / 1e9,
+                );
             }
         }
     }
