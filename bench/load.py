@@ -6,8 +6,9 @@ Tokens are counted from `usage` (stream_options.include_usage) when the server s
 one per content chunk. Loopback only; no redirects; bounded by --requests and --timeout.
 
 With --prompt-words N it measures prompt processing instead: one client sends long prompts
-(N words, different from the first word on, so no server can answer from a prompt cache)
-asking for one token, and reports prompt tokens (from `usage`) per second of request time.
+(N words after the chat template's system prompt, different from their first word on, so a
+prompt cache can serve no more than the system prompt) asking for one token, and reports
+prompt tokens (from `usage`) per second of request time.
 """
 import argparse
 import asyncio
@@ -32,22 +33,26 @@ def pct(xs, p):
 
 
 async def one(client, args, i, results):
+    progress = {"answered": False}
     try:
-        await one_attempt(client, args, i, results)
+        await one_attempt(client, args, i, results, progress)
     except httpx.RemoteProtocolError:
         # A keep-alive connection the server closed as the request went out (llama-server's
-        # HTTP library closes a connection after a few requests): nothing was answered, so
+        # HTTP library closes a connection after a few requests): when nothing was answered,
         # the request is sent again on a new connection, as HTTP clients do.
-        await one_attempt(client, args, i, results)
+        if progress["answered"]:
+            raise
+        await one_attempt(client, args, i, results, progress)
 
 
-async def one_attempt(client, args, i, results):
+async def one_attempt(client, args, i, results, progress):
     body = {"model": args.model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
             "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     ttft, chunks, usage = None, 0, None
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        progress["answered"] = True
         r.raise_for_status()
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":

@@ -15,14 +15,15 @@ the GGUF files llama.cpp's converter writes, so that one llama.cpp run per fixtu
 The same bytes come out on every run and every machine: weights are drawn from PCG64's raw
 stream (numpy keeps bit generators' streams stable across versions; its distributions it does
 not) and made roughly normal with exact arithmetic; Q8_0 quantization is gguf-py's port of
-ggml's, which is exact float arithmetic too. The Rust test compares with the recorded
-reference only when a fixture's sha256 is the recorded one.
+ggml's, which is exact float arithmetic too. The Rust test pins each fixture by the sha256 the
+reference recorded, so a fixture that came out different is refused and the test fails.
 
 Usage: make_fixtures.py [OUT_DIR] [--demo DEMO.gguf]
 OUT_DIR defaults to $BULWARK_FIXTURES or ~/.cache/bulwark/fixtures; DEMO.gguf to the file
 scripts/fetch-model.sh fetches (it only reads it). Prints OUT_DIR.
 """
 import argparse
+import json
 import math
 import os
 import pathlib
@@ -33,7 +34,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, Ll
 from gguf.quants import quantize
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-DEMO_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO = json.loads((ROOT / "scripts/demo-model.json").read_text())  # the one place it is written
 
 # Shapes shared by every fixture: head_dim = EMBD / HEADS = 16.
 EMBD = 64
@@ -199,7 +200,7 @@ def write_fixture(path, arch, name, seed, tokenizer, vocab, *, freq_base, rope_f
 
 def main():
     default_out = os.environ.get("BULWARK_FIXTURES") or pathlib.Path.home() / ".cache/bulwark/fixtures"
-    default_demo = pathlib.Path(os.environ.get("BULWARK_MODEL_DIR") or ROOT / ".demo/model") / DEMO_NAME
+    default_demo = pathlib.Path(os.environ.get("BULWARK_MODEL_DIR") or ROOT / DEMO["dir"]) / DEMO["file"]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", nargs="?", default=default_out, type=pathlib.Path)
     ap.add_argument("--demo", default=default_demo, type=pathlib.Path,
