@@ -388,7 +388,8 @@ fn store_all256<const F: u8, const N: usize>(
 /// (amax, quants, Σq) for one block; equal to `blocks::quantize_block_scalar` for finite
 /// input. The caller checked `Isa::Avx2.is_available()`.
 pub(crate) fn quantize_block(x: &[f32; QK]) -> (f32, [i8; QK], i32) {
-    debug_assert!(Isa::Avx2.is_available());
+    // The safe signature rests on this check (a cached lookup), not on the callers alone.
+    assert!(Isa::Avx2.is_available(), "AVX2, FMA and F16C are required");
     // SAFETY: every caller checks `Isa::Avx2.is_available()` (AVX2 detected at run time).
     unsafe { quantize_block_avx2(x) }
 }
@@ -518,7 +519,8 @@ pub(crate) fn to_f16(src: &[f32], dst: &mut [u16]) {
             }
         }
     }
-    debug_assert!(Isa::Avx2.is_available());
+    // The safe signature rests on this check (a cached lookup), not on the callers alone.
+    assert!(Isa::Avx2.is_available(), "AVX2, FMA and F16C are required");
     // SAFETY: callers (crate::vector) run this only after detecting AVX2 with F16C.
     unsafe { inner(src, dst) }
 }
@@ -539,7 +541,8 @@ pub(crate) fn round_to_f16(x: &mut [f32]) {
             *v = crate::f16::f16_to_f32(crate::f16::f32_to_f16(*v));
         }
     }
-    debug_assert!(Isa::Avx2.is_available());
+    // The safe signature rests on this check (a cached lookup), not on the callers alone.
+    assert!(Isa::Avx2.is_available(), "AVX2, FMA and F16C are required");
     // SAFETY: callers (crate::vector) run this only after detecting AVX2 with F16C.
     unsafe { inner(x) }
 }
@@ -572,7 +575,8 @@ pub(crate) fn dot_f16(q: &[f32], k: &[u16]) -> f32 {
         let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
         _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair))) + tail
     }
-    debug_assert!(Isa::Avx2.is_available());
+    // The safe signature rests on this check (a cached lookup), not on the callers alone.
+    assert!(Isa::Avx2.is_available(), "AVX2, FMA and F16C are required");
     // SAFETY: callers (crate::vector) run this only after detecting AVX2, FMA and F16C.
     unsafe { inner(q, k) }
 }
@@ -597,7 +601,8 @@ pub(crate) fn axpy_f16(acc: &mut [f32], p: f32, v: &[u16]) {
             }
         }
     }
-    debug_assert!(Isa::Avx2.is_available());
+    // The safe signature rests on this check (a cached lookup), not on the callers alone.
+    assert!(Isa::Avx2.is_available(), "AVX2, FMA and F16C are required");
     // SAFETY: callers (crate::vector) run this only after detecting AVX2, FMA and F16C.
     unsafe { inner(acc, p, v) }
 }

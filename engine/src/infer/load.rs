@@ -59,6 +59,15 @@ pub fn model_info(
 ) -> Result<ModelInfo> {
     let cfg = LlamaConfig::from_gguf(gguf)?;
     let tokenizer = ModelTokenizer::from_gguf(gguf).context("building the tokenizer")?;
+    // Every id the API accepts must have an embedding row: a larger vocabulary would let a
+    // request's token ids fail the whole batch's step instead of being refused.
+    anyhow::ensure!(
+        tokenizer.vocab_size <= cfg.vocab,
+        "tokenizer.ggml.tokens has {} tokens but the model has {} embedding rows ({}.vocab_size)",
+        tokenizer.vocab_size,
+        cfg.vocab,
+        cfg.arch.key_prefix()
+    );
     let template = match gguf.opt_str("tokenizer.chat_template") {
         Some(src) => Some(
             ChatTemplate::new(

@@ -17,9 +17,12 @@ use crate::util;
 /// Per log-probability on the tensor path (f32 activations where llama.cpp quantizes them to
 /// 8 bits), as for the demo model; measured 0.12 to 0.16.
 const LOGPROB_TOLERANCE: f32 = 0.25;
-/// On the packed path, which computes as llama.cpp does: measured 0.0001 to 0.0002, and 0.07
-/// on qwen2 (its large random biases put more activations near a quantization boundary).
-const PACKED_TOLERANCE: f32 = 0.1;
+/// On the packed path, which computes as llama.cpp does: measured 0.0001 to 0.0002.
+const PACKED_TOLERANCE: f32 = 1e-3;
+/// qwen2 on the packed path: measured 0.07. Its large random biases put more activations near
+/// a quantization boundary, where one rounding flips a step; not yet checked against the exact
+/// f64 pass, which reads only the `llama` architecture.
+const PACKED_QWEN2_TOLERANCE: f32 = 0.1;
 /// A gap between llama.cpp's top two below this is decided by rounding (see reference.rs).
 const NEAR_TIE: f32 = 2.0 * LOGPROB_TOLERANCE;
 
@@ -83,10 +86,10 @@ fn load(f: &Fixture, weights: WeightFormat) -> LlamaModel {
 /// The worst first-step log-probability difference from llama.cpp, and the greedy tokens
 /// equal to llama.cpp's before a near tie parted them, per case.
 fn compare(model: &LlamaModel, f: &Fixture) -> (f32, Vec<usize>) {
-    let tolerance = if model.is_packed() {
-        PACKED_TOLERANCE
-    } else {
-        LOGPROB_TOLERANCE
+    let tolerance = match (model.is_packed(), f.architecture.as_str()) {
+        (true, "qwen2") => PACKED_QWEN2_TOLERANCE,
+        (true, _) => PACKED_TOLERANCE,
+        (false, _) => LOGPROB_TOLERANCE,
     };
     let mut worst = 0f32;
     let mut agreed = Vec::new();

@@ -231,7 +231,13 @@ fn load_head(
     device: &Device,
 ) -> Result<Head> {
     if packed && let Some(p) = Projection::pack(&[&lm_head])? {
-        let norm = norm.dequantize(device)?.flatten_all()?.to_vec1()?;
+        let norm: Vec<f32> = norm.dequantize(device)?.flatten_all()?.to_vec1()?;
+        ensure!(
+            norm.len() == p.k(),
+            "output_norm.weight has {} values for an LM head of rows of {}",
+            norm.len(),
+            p.k()
+        );
         return Ok(Head::Packed(norm, p));
     }
     let lm_head = match tied_embed.filter(|_| format == WeightFormat::F32) {

@@ -64,6 +64,11 @@ impl Projection {
         self.w.n_out()
     }
 
+    /// Row length: the width of the input.
+    pub(super) fn k(&self) -> usize {
+        self.w.k()
+    }
+
     /// `out = x · Wᵀ` for `x` of whole rows of `k`; `out` holds as many rows of `n_out`.
     /// The rows go through the kernels in chunks of at most [`kernels::MAX_ACT_ROWS`], each
     /// chunk's activations quantized once, its output rows split across the pool.
@@ -275,6 +280,17 @@ impl PackedLayer {
                 && self.gate_up.n_out() == 2 * s.ffn
                 && self.down.n_out() == s.hidden,
             "layer projections do not match the model's shape"
+        );
+        ensure!(
+            self.qkv.k() == s.hidden
+                && self.wo.k() == s.q_width()
+                && self.gate_up.k() == s.hidden
+                && self.down.k() == s.ffn,
+            "layer projections' row lengths do not match the model's shape"
+        );
+        ensure!(
+            self.attn_norm.len() == s.hidden && self.ffn_norm.len() == s.hidden,
+            "layer norms are not embedding_length long"
         );
         ensure!(
             self.qkv_bias
