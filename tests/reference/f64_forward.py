@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """An exact reference forward pass: float64 numpy over a GGUF's dequantized tensors.
 
-For the `llama` architecture as llama.cpp computes it mathematically, with no rounding but
-float64's: token embedding lookup; per layer RMS norm times attn_norm, Q/K/V projections,
-rotary embeddings on adjacent pairs (llama.cpp's "normal" rope), causal grouped-query
-attention, output projection, residual; RMS norm times ffn_norm, SwiGLU, down projection,
+For the `llama`, `qwen2` and `qwen3` architectures as llama.cpp computes them mathematically,
+with no rounding but float64's: token embedding lookup; per layer RMS norm times attn_norm,
+Q/K/V projections (with Qwen2's biases), Qwen3's per-head Q/K norms, rotary embeddings
+(adjacent pairs for Llama, halves for Qwen; Llama 3.1's frequency factors), causal
+grouped-query attention, output projection, residual; RMS norm times ffn_norm, SwiGLU, down projection,
 residual; final RMS norm times output_norm, logits with `output.weight` or the tied embedding.
 
 The only approximation is the file itself: each weight is dequantized once (gguf-py, float32,
@@ -29,26 +30,32 @@ def _scalar(reader, key):
     return field.parts[field.data[0]][0].item()
 
 
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+
 class Reference:
     def __init__(self, path):
         self.reader = GGUFReader(path)
         arch = bytes(self.reader.fields["general.architecture"].parts[-1]).decode()
-        if arch != "llama":
-            raise SystemExit(f"f64_forward: architecture {arch!r}, only 'llama' is implemented")
-        g = lambda k: _scalar(self.reader, f"llama.{k}")
+        if arch not in ARCHITECTURES:
+            raise SystemExit(f"f64_forward: architecture {arch!r}; implemented: {ARCHITECTURES}")
+        self.arch = arch
+        g = lambda k: _scalar(self.reader, f"{arch}.{k}")
         self.n_layer = int(g("block_count"))
         self.n_embd = int(g("embedding_length"))
         self.n_head = int(g("attention.head_count"))
         self.n_kv = int(g("attention.head_count_kv"))
         self.eps = float(g("attention.layer_norm_rms_epsilon"))
         self.rope_base = float(g("rope.freq_base"))
-        self.head_dim = self.n_embd // self.n_head
+        key_length = f"{arch}.attention.key_length"
+        self.head_dim = (int(_scalar(self.reader, key_length)) if key_length in self.reader.fields
+                         else self.n_embd // self.n_head)
         for key in ("rope.scaling.type", "attention.sliding_window"):
-            if f"llama.{key}" in self.reader.fields:
-                raise SystemExit(f"f64_forward: llama.{key} is not implemented")
-        if "rope_freqs.weight" in self._tensors():
-            raise SystemExit("f64_forward: rope_freqs.weight (Llama 3.1 scaling) is not implemented")
+            if f"{arch}.{key}" in self.reader.fields:
+                raise SystemExit(f"f64_forward: {arch}.{key} is not implemented")
         self._cache = {}
+        # Llama 3.1+ rope scaling: each pair's frequency divided by its factor.
+        self.rope_factors = self.w("rope_freqs.weight") if self.has("rope_freqs.weight") else None
 
     def _tensors(self):
         return {t.name: t for t in self.reader.tensors}
@@ -70,16 +77,28 @@ class Reference:
         return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * weight
 
     def rope(self, x, positions):
-        """x: (n_tokens, n_heads, head_dim); rotates adjacent pairs (2i, 2i+1)."""
+        """x: (n_tokens, n_heads, head_dim). Llama (in GGUF) rotates adjacent pairs (2i, 2i+1),
+        Qwen the halves (i, i + d/2), as llama.cpp's "normal" and "neox" ropes do."""
         d = self.head_dim
         inv_freq = self.rope_base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+        if self.rope_factors is not None:
+            inv_freq = inv_freq / self.rope_factors
         theta = positions[:, None].astype(np.float64) * inv_freq[None, :]  # (n_tokens, d/2)
         cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
-        x0, x1 = x[..., 0::2], x[..., 1::2]
+        if self.arch == "llama":
+            i0, i1 = slice(0, d, 2), slice(1, d, 2)
+        else:
+            i0, i1 = slice(0, d // 2), slice(d // 2, d)
+        x0, x1 = x[..., i0], x[..., i1]
         out = np.empty_like(x)
-        out[..., 0::2] = x0 * cos - x1 * sin
-        out[..., 1::2] = x0 * sin + x1 * cos
+        out[..., i0] = x0 * cos - x1 * sin
+        out[..., i1] = x0 * sin + x1 * cos
         return out
+
+    def project(self, h, p, name):
+        """`h @ W.T`, plus the bias when the layer has one (Qwen2's Q, K and V)."""
+        y = h @ self.w(p + name + ".weight").T
+        return y + self.w(p + name + ".bias") if self.has(p + name + ".bias") else y
 
     def hidden(self, ids):
         """The final-normed hidden states, (n_tokens, n_embd)."""
@@ -93,9 +112,12 @@ class Reference:
         for il in range(self.n_layer):
             p = f"blk.{il}."
             h = self.rms_norm(x, self.w(p + "attn_norm.weight"))
-            q = (h @ self.w(p + "attn_q.weight").T).reshape(n, nh, hd)
-            k = (h @ self.w(p + "attn_k.weight").T).reshape(n, nkv, hd)
-            v = (h @ self.w(p + "attn_v.weight").T).reshape(n, nkv, hd)
+            q = self.project(h, p, "attn_q").reshape(n, nh, hd)
+            k = self.project(h, p, "attn_k").reshape(n, nkv, hd)
+            v = self.project(h, p, "attn_v").reshape(n, nkv, hd)
+            if self.has(p + "attn_q_norm.weight"):  # Qwen3: each head normed before rotating
+                q = self.rms_norm(q, self.w(p + "attn_q_norm.weight"))
+                k = self.rms_norm(k, self.w(p + "attn_k_norm.weight"))
             q, k = self.rope(q, pos), self.rope(k, pos)
             att = np.empty((n, nh, hd))
             for head in range(nh):
