@@ -67,7 +67,12 @@ fn check_golden(name: &str, actual: &str) {
 }
 
 fn nft_check(args: &[&str], content: &str) {
-    let tmp = std::env::temp_dir().join(format!("fw-{}-{}.nft", std::process::id(), args.len()));
+    // One file per call: the tests run in parallel threads of one process, and a name made
+    // of the pid and the arguments alone was shared by two of them (nft then read the other
+    // test's file).
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = std::env::temp_dir().join(format!("fw-{}-{n}.nft", std::process::id()));
     std::fs::write(&tmp, content).unwrap();
     let out = Command::new("nft")
         .args(args)
