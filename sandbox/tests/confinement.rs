@@ -48,6 +48,9 @@ const PROBES: &[(&str, Expect)] = &[
     ("required_refuses_with_threads", Expect::Denied),
     ("best_effort_reports_partial", Expect::Allowed),
     ("log_only_does_not_kill", Expect::Allowed),
+    // A supervisor's readiness socket (sd_notify) connected before confinement, abstract
+    // name included, can still be written to (engine/src/notify.rs relies on it).
+    ("notify_socket_connected_before", Expect::Allowed),
 ];
 
 struct Env {
@@ -122,6 +125,30 @@ fn run_probe(name: &str) {
             }
             Ok((status, _)) => println!("UNEXPECTED {status:?}"),
             Err(e) => println!("DENIED {e}"),
+        }
+        return;
+    }
+    if name == "notify_socket_connected_before" {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::net::{SocketAddr, UnixDatagram};
+        let addr = SocketAddr::from_abstract_name(
+            format!("bulwark-probe-notify-{}", std::process::id()).as_bytes(),
+        )
+        .unwrap();
+        let supervisor = UnixDatagram::bind_addr(&addr).unwrap();
+        let notifier = UnixDatagram::unbound().unwrap();
+        notifier.connect_addr(&addr).unwrap();
+        let (status, _) = sandbox::prepare(&policy)
+            .expect("prepare")
+            .apply()
+            .expect("apply");
+        assert!(status.fully_enforced(), "{status:?}");
+        let mut buf = [0u8; 16];
+        let sent = notifier.send(b"READY=1\n");
+        let got = supervisor.recv(&mut buf).map(|n| buf[..n].to_vec());
+        match (sent, got) {
+            (Ok(_), Ok(m)) if m == b"READY=1\n" => println!("ALLOWED delivered"),
+            (s, g) => println!("DENIED {s:?} {g:?}"),
         }
         return;
     }
