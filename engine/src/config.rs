@@ -739,6 +739,32 @@ mod tests {
         parse(&base()).unwrap();
     }
 
+    /// Unset, `model.weights` is the packed quantized path on the CPU and f32 on CUDA; a
+    /// value given is kept on both.
+    #[test]
+    fn weights_default_by_device() {
+        let cpu = candle_core::Device::Cpu;
+        let unset = parse(&base()).unwrap();
+        assert_eq!(unset.model.weights_on(&cpu), WeightFormat::Quantized);
+        let f32 = parse(&base().replace(
+            "name = \"smollm2\"",
+            "name = \"smollm2\"\nweights = \"f32\"",
+        ))
+        .unwrap();
+        assert_eq!(f32.model.weights_on(&cpu), WeightFormat::F32);
+    }
+
+    #[test]
+    fn prefix_cache_budget_is_bounded_by_name() {
+        let ok = parse(&format!("{}\n[engine]\nprefix_cache_mb = 0\n", base())).unwrap();
+        assert_eq!(ok.engine.prefix_cache_mb, 0);
+        let err = parse(&format!("{}\n[engine]\nprefix_cache_mb = 65537\n", base())).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("engine.prefix_cache_mb"),
+            "{err:#}"
+        );
+    }
+
     /// The listener's transport is decided once, from the validated keys.
     #[test]
     fn transport_is_tls_or_loopback_plaintext() {

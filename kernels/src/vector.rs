@@ -7,25 +7,14 @@
 
 use crate::f16::{f16_to_f32, f32_to_f16};
 
-fn simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        crate::Isa::Avx2.is_available()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// Appends `src` converted to f16 bits to `dst`.
 pub fn extend_f16(dst: &mut Vec<u16>, src: &[f32]) {
     let at = dst.len();
     dst.resize(at + src.len(), 0);
     let out = &mut dst[at..];
     #[cfg(target_arch = "x86_64")]
-    if simd() {
-        return crate::x86::to_f16(src, out);
+    if crate::x86::to_f16(src, out) {
+        return;
     }
     for (o, &x) in out.iter_mut().zip(src) {
         *o = f32_to_f16(x);
@@ -35,8 +24,8 @@ pub fn extend_f16(dst: &mut Vec<u16>, src: &[f32]) {
 /// Rounds every value of `x` to the nearest f16 (kept as f32).
 pub fn round_to_f16(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if simd() {
-        return crate::x86::round_to_f16(x);
+    if crate::x86::round_to_f16(x) {
+        return;
     }
     for v in x {
         *v = f16_to_f32(f32_to_f16(*v));
@@ -47,8 +36,8 @@ pub fn round_to_f16(x: &mut [f32]) {
 pub fn dot_f16(q: &[f32], k: &[u16]) -> f32 {
     assert_eq!(q.len(), k.len(), "dot_f16 operands differ in length");
     #[cfg(target_arch = "x86_64")]
-    if simd() {
-        return crate::x86::dot_f16(q, k);
+    if let Some(d) = crate::x86::dot_f16(q, k) {
+        return d;
     }
     q.iter().zip(k).map(|(&a, &b)| a * f16_to_f32(b)).sum()
 }
@@ -57,8 +46,8 @@ pub fn dot_f16(q: &[f32], k: &[u16]) -> f32 {
 pub fn axpy_f16(acc: &mut [f32], p: f32, v: &[u16]) {
     assert_eq!(acc.len(), v.len(), "axpy_f16 operands differ in length");
     #[cfg(target_arch = "x86_64")]
-    if simd() {
-        return crate::x86::axpy_f16(acc, p, v);
+    if crate::x86::axpy_f16(acc, p, v) {
+        return;
     }
     for (a, &b) in acc.iter_mut().zip(v) {
         *a += p * f16_to_f32(b);

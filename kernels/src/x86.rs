@@ -388,8 +388,7 @@ fn store_all256<const F: u8, const N: usize>(
 /// (amax, quants, Σq) for one block; equal to `blocks::quantize_block_scalar` for finite
 /// input. The caller checked `Isa::Avx2.is_available()`.
 pub(crate) fn quantize_block(x: &[f32; QK]) -> (f32, [i8; QK], i32) {
-    // The safe signature rests on this check (a cached lookup), not on the callers alone.
-    assert!(Isa::Avx2.is_available(), "AVX2, FMA and F16C are required");
+    debug_assert!(Isa::Avx2.is_available());
     // SAFETY: every caller checks `Isa::Avx2.is_available()` (AVX2 detected at run time).
     unsafe { quantize_block_avx2(x) }
 }
@@ -502,7 +501,7 @@ fn run<const F: u8, const QB: usize>(isa: Isa, n: usize, a: &Args, o: &mut [[f32
 
 /// f32 to f16 bits, eight at a time with F16C (round to nearest even), the tail by hand
 /// (which rounds identically).
-pub(crate) fn to_f16(src: &[f32], dst: &mut [u16]) {
+pub(crate) fn to_f16(src: &[f32], dst: &mut [u16]) -> bool {
     #[target_feature(enable = "avx2,f16c")]
     fn inner(src: &[f32], dst: &mut [u16]) {
         let (s8, d8) = (src.chunks_exact(8), dst.chunks_exact_mut(8));
@@ -519,14 +518,17 @@ pub(crate) fn to_f16(src: &[f32], dst: &mut [u16]) {
             }
         }
     }
-    // The safe signature rests on this check (a cached lookup), not on the callers alone.
-    assert!(Isa::Avx2.is_available(), "AVX2, FMA and F16C are required");
-    // SAFETY: callers (crate::vector) run this only after detecting AVX2 with F16C.
-    unsafe { inner(src, dst) }
+    // The one check per call (a cached lookup): the safe signature rests on it.
+    if !Isa::Avx2.is_available() {
+        return false;
+    }
+    // SAFETY: AVX2 with F16C was detected just above.
+    unsafe { inner(src, dst) };
+    true
 }
 
 /// Rounds each value to the nearest f16 and back, eight at a time.
-pub(crate) fn round_to_f16(x: &mut [f32]) {
+pub(crate) fn round_to_f16(x: &mut [f32]) -> bool {
     #[target_feature(enable = "avx2,f16c")]
     fn inner(x: &mut [f32]) {
         let mut chunks = x.chunks_exact_mut(8);
@@ -541,14 +543,17 @@ pub(crate) fn round_to_f16(x: &mut [f32]) {
             *v = crate::f16::f16_to_f32(crate::f16::f32_to_f16(*v));
         }
     }
-    // The safe signature rests on this check (a cached lookup), not on the callers alone.
-    assert!(Isa::Avx2.is_available(), "AVX2, FMA and F16C are required");
-    // SAFETY: callers (crate::vector) run this only after detecting AVX2 with F16C.
-    unsafe { inner(x) }
+    // The one check per call (a cached lookup): the safe signature rests on it.
+    if !Isa::Avx2.is_available() {
+        return false;
+    }
+    // SAFETY: AVX2 with F16C was detected just above.
+    unsafe { inner(x) };
+    true
 }
 
 /// `Σ q[i] · k[i]`, `k` in f16 bits, with two 8-lane FMA accumulators.
-pub(crate) fn dot_f16(q: &[f32], k: &[u16]) -> f32 {
+pub(crate) fn dot_f16(q: &[f32], k: &[u16]) -> Option<f32> {
     #[target_feature(enable = "avx2,fma,f16c")]
     fn inner(q: &[f32], k: &[u16]) -> f32 {
         let mut acc = [_mm256_setzero_ps(); 2];
@@ -575,14 +580,16 @@ pub(crate) fn dot_f16(q: &[f32], k: &[u16]) -> f32 {
         let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
         _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair))) + tail
     }
-    // The safe signature rests on this check (a cached lookup), not on the callers alone.
-    assert!(Isa::Avx2.is_available(), "AVX2, FMA and F16C are required");
-    // SAFETY: callers (crate::vector) run this only after detecting AVX2, FMA and F16C.
-    unsafe { inner(q, k) }
+    // The one check per call (a cached lookup): the safe signature rests on it.
+    if !Isa::Avx2.is_available() {
+        return None;
+    }
+    // SAFETY: AVX2, FMA and F16C were detected just above.
+    Some(unsafe { inner(q, k) })
 }
 
 /// `acc[i] += p · v[i]`, `v` in f16 bits, eight at a time with FMA.
-pub(crate) fn axpy_f16(acc: &mut [f32], p: f32, v: &[u16]) {
+pub(crate) fn axpy_f16(acc: &mut [f32], p: f32, v: &[u16]) -> bool {
     #[target_feature(enable = "avx2,fma,f16c")]
     fn inner(acc: &mut [f32], p: f32, v: &[u16]) {
         let pv = _mm256_set1_ps(p);
@@ -601,10 +608,13 @@ pub(crate) fn axpy_f16(acc: &mut [f32], p: f32, v: &[u16]) {
             }
         }
     }
-    // The safe signature rests on this check (a cached lookup), not on the callers alone.
-    assert!(Isa::Avx2.is_available(), "AVX2, FMA and F16C are required");
-    // SAFETY: callers (crate::vector) run this only after detecting AVX2, FMA and F16C.
-    unsafe { inner(acc, p, v) }
+    // The one check per call (a cached lookup): the safe signature rests on it.
+    if !Isa::Avx2.is_available() {
+        return false;
+    }
+    // SAFETY: AVX2, FMA and F16C were detected just above.
+    unsafe { inner(acc, p, v) };
+    true
 }
 
 /// Run-time detection, done once by `Isa::detect` and cached there.

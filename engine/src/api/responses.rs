@@ -113,11 +113,11 @@ pub struct ChatLogprobs<'a> {
     pub content: Vec<ChatTokenLogprob<'a>>,
 }
 
+/// The chosen token, as each alternative is written, plus the alternatives.
 #[derive(Serialize)]
 pub struct ChatTokenLogprob<'a> {
-    pub token: &'a str,
-    pub logprob: f32,
-    pub bytes: &'a [u8],
+    #[serde(flatten)]
+    pub chosen: TopLogprob<'a>,
     pub top_logprobs: Vec<TopLogprob<'a>>,
 }
 
@@ -128,22 +128,26 @@ pub struct TopLogprob<'a> {
     pub bytes: &'a [u8],
 }
 
+impl<'a> TopLogprob<'a> {
+    fn new(token: &'a str, logprob: f32, bytes: &'a [u8]) -> Self {
+        Self {
+            token,
+            logprob,
+            bytes,
+        }
+    }
+}
+
 impl<'a> ChatLogprobs<'a> {
     pub fn of(tokens: &'a [TokenLogprob]) -> Self {
         let content = tokens
             .iter()
             .map(|t| ChatTokenLogprob {
-                token: &t.token,
-                logprob: t.logprob,
-                bytes: &t.bytes,
+                chosen: TopLogprob::new(&t.token, t.logprob, &t.bytes),
                 top_logprobs: t
                     .top
                     .iter()
-                    .map(|a| TopLogprob {
-                        token: &a.token,
-                        logprob: a.logprob,
-                        bytes: &a.bytes,
-                    })
+                    .map(|a| TopLogprob::new(&a.token, a.logprob, &a.bytes))
                     .collect(),
             })
             .collect();

@@ -38,6 +38,12 @@ impl PrefixCache {
         }
     }
 
+    /// Whether prefixes are kept at all: a budget, and a model whose caches are the sequence's
+    /// whole state (a pipeline head's are not: its stages hold the rest).
+    fn applies(&self, model: &LlamaModel) -> bool {
+        self.budget_bytes > 0 && model.is_whole()
+    }
+
     /// A cache holding the longest prefix of `prompt` cached in `scope` (always leaving at
     /// least the prompt's last token to compute, whose logits are the first prediction), and
     /// that prefix's length. `None` when nothing of `MIN_REUSE` tokens or more matches.
@@ -47,6 +53,9 @@ impl PrefixCache {
         scope: &str,
         prompt: &[u32],
     ) -> Option<(SeqCache, usize)> {
+        if !self.applies(model) {
+            return None;
+        }
         let limit = prompt.len().saturating_sub(1);
         let (at, len) = self
             .entries
@@ -68,6 +77,9 @@ impl PrefixCache {
     /// that many) as the prefix `prompt` in `scope`, replacing an entry for the same
     /// prompt, and evicts the least recently used entries beyond the budget.
     pub fn put(&mut self, model: &LlamaModel, scope: &str, prompt: &[u32], cache: &SeqCache) {
+        if !self.applies(model) {
+            return;
+        }
         let bytes = model.cache_bytes(prompt.len());
         if prompt.len() < MIN_REUSE || bytes > self.budget_bytes {
             return;

@@ -433,10 +433,7 @@ impl Scheduler {
     /// that prefix's length (the prompt tokens already in the cache).
     fn reuse_prefix(&mut self, req: &GenRequest) -> (SeqCache, usize) {
         let model = self.runner.local();
-        if self.cfg.prefix_cache_bytes > 0
-            && model.is_whole()
-            && let Some((cache, n)) = self.prefixes.take(model, &req.prefix_scope, &req.prompt)
-        {
+        if let Some((cache, n)) = self.prefixes.take(model, &req.prefix_scope, &req.prompt) {
             self.metrics
                 .prefix_reused_tokens
                 .fetch_add(n as u64, Ordering::Relaxed);
@@ -539,10 +536,8 @@ impl Scheduler {
                 let ttft = a.started.elapsed();
                 self.metrics.observe_ttft(ttft);
                 let model = self.runner.local();
-                if self.cfg.prefix_cache_bytes > 0 && model.is_whole() {
-                    self.prefixes
-                        .put(model, &a.req.prefix_scope, &a.req.prompt, &a.cache);
-                }
+                self.prefixes
+                    .put(model, &a.req.prefix_scope, &a.req.prompt, &a.cache);
             }
             if let Some(reason) = self.emit_token(i, &row) {
                 finished.push((i, reason));

@@ -43,13 +43,7 @@ struct Fixture {
 struct Case {
     prompt_ids: Vec<u32>,
     first_top5: Vec<(u32, f32)>,
-    steps: Vec<Step>,
-}
-
-#[derive(Deserialize)]
-struct Step {
-    id: u32,
-    top2: [(u32, f32); 2],
+    steps: Vec<util::GreedyStep>,
 }
 
 fn fixtures_dir() -> PathBuf {
@@ -94,41 +88,18 @@ fn compare(model: &LlamaModel, f: &Fixture) -> (f32, Vec<usize>) {
     let mut worst = 0f32;
     let mut agreed = Vec::new();
     for case in &f.cases {
-        let mut cache = model.new_cache();
-        let mut next = case.prompt_ids.clone();
-        let mut same = 0;
-        for (s, step) in case.steps.iter().enumerate() {
-            let logits = model
-                .forward(&mut [BatchItem {
-                    tokens: &next,
-                    cache: &mut cache,
-                }])
-                .unwrap();
-            if s == 0 {
-                let lp = log_softmax(&logits[0]);
-                for &(id, want) in &case.first_top5 {
-                    let d = (lp[id as usize] - want).abs();
-                    assert!(
-                        d <= tolerance,
-                        "{}: token {id}: ours {} llama.cpp {want}",
-                        f.file,
-                        lp[id as usize]
-                    );
-                    worst = worst.max(d);
-                }
-            }
-            let ours = bulwark::infer::sampler::argmax(&logits[0]);
-            let [(first, lp1), (second, lp2)] = step.top2;
-            if lp1 - lp2 < NEAR_TIE {
-                assert!(ours == first || ours == second, "{}: step {s}", f.file);
-            } else {
-                assert_eq!(ours, step.id, "{}: step {s}", f.file);
-            }
-            if ours != step.id {
-                break;
-            }
-            same += 1;
-            next = vec![ours];
+        let (first, same) =
+            util::follow_greedy(model, &case.prompt_ids, &case.steps, NEAR_TIE, &f.file);
+        let lp = log_softmax(&first);
+        for &(id, want) in &case.first_top5 {
+            let d = (lp[id as usize] - want).abs();
+            assert!(
+                d <= tolerance,
+                "{}: token {id}: ours {} llama.cpp {want}",
+                f.file,
+                lp[id as usize]
+            );
+            worst = worst.max(d);
         }
         agreed.push(same);
     }

@@ -244,3 +244,53 @@ pub fn content(r: &Reply) -> String {
         .unwrap()
         .to_owned()
 }
+
+/// One step of a greedy llama.cpp reference: the token it chose and its two most likely
+/// tokens with their log-probabilities.
+#[derive(serde::Deserialize)]
+pub struct GreedyStep {
+    pub id: u32,
+    pub top2: [(u32, f32); 2],
+}
+
+/// Decodes greedily after `prompt`, step by step against llama.cpp's `steps`: ours must be
+/// llama.cpp's choice, or one of its top two where they are within `near_tie` nats (rounding
+/// decides those); once ours takes the other one the contexts differ and the comparison
+/// ends. Returns the logits of the first step and how many tokens were equal.
+pub fn follow_greedy(
+    model: &bulwark::infer::models::llama::LlamaModel,
+    prompt: &[u32],
+    steps: &[GreedyStep],
+    near_tie: f32,
+    what: &str,
+) -> (Vec<f32>, usize) {
+    let mut cache = model.new_cache();
+    let mut next = prompt.to_vec();
+    let mut first = Vec::new();
+    for (s, step) in steps.iter().enumerate() {
+        let mut logits = model
+            .forward(&mut [bulwark::infer::models::llama::BatchItem {
+                tokens: &next,
+                cache: &mut cache,
+            }])
+            .unwrap();
+        let ours = bulwark::infer::sampler::argmax(&logits[0]);
+        if s == 0 {
+            first = logits.swap_remove(0);
+        }
+        let [(a, lp1), (b, lp2)] = step.top2;
+        if lp1 - lp2 < near_tie {
+            assert!(
+                ours == a || ours == b,
+                "{what}: step {s}: ours {ours}, llama.cpp's near tie {a}/{b}"
+            );
+        } else {
+            assert_eq!(ours, step.id, "{what}: step {s}");
+        }
+        if ours != step.id {
+            return (first, s);
+        }
+        next = vec![ours];
+    }
+    (first, steps.len())
+}
