@@ -26,7 +26,8 @@ fn run() -> Result<()> {
     };
     let batch: usize = args.next().map_or(Ok(1), |b| b.parse())?;
     let mut gguf = GgufFile::open_unverified(std::path::Path::new(&path))?;
-    let model = LlamaModel::load(&mut gguf, format, &candle_core::Device::Cpu, 2048)?;
+    let cfg = bulwark::model::arch::LlamaConfig::from_gguf(&gguf)?;
+    let model = LlamaModel::load(&mut gguf, cfg, format, &candle_core::Device::Cpu, 2048)?;
     let prompt: Vec<u32> = (0..64).map(|i| 100 + i * 7).collect();
     let mut caches: Vec<_> = (0..batch).map(|_| model.new_cache()).collect();
     let t = Instant::now();

@@ -179,8 +179,9 @@ pub enum KeysCommand {
 
 #[derive(Subcommand)]
 pub enum ModelCommand {
-    /// Print the SHA-256 to pin as model.sha256.
-    Hash { file: PathBuf },
+    /// Print the pin of a model: a GGUF file's SHA-256 (model.sha256), or a Hugging Face
+    /// directory's model.files table.
+    Hash { path: PathBuf },
     /// Architecture, tensors and tokenizer summary.
     Inspect { file: PathBuf },
 }

@@ -103,10 +103,14 @@ impl ServerConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// Local GGUF file.
+    /// A local GGUF file, or a Hugging Face directory (config.json, safetensors weights,
+    /// tokenizer.json, tokenizer_config.json).
     pub path: PathBuf,
-    /// SHA-256 of the file (`bulwark model hash FILE`); checked before parsing.
-    pub sha256: Sha256,
+    /// SHA-256 of the GGUF file (`bulwark model hash FILE`); checked before parsing.
+    pub sha256: Option<Sha256>,
+    /// For a directory: every file the server reads, by name, with its SHA-256 (`bulwark model
+    /// hash DIR` prints the table); all checked before any is parsed.
+    pub files: Option<std::collections::BTreeMap<String, Sha256>>,
     /// The model id clients put in `model`.
     pub name: String,
     /// Context window in tokens (prompt + completion); at most the model's own.
@@ -117,14 +121,27 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// The weight format for `device`: the configured one, else `quantized` on the CPU (the
-    /// packed kernels path) and `f32` on CUDA (what the GPU path has been measured with).
+    /// The pin of the model's bytes (`validate` makes exactly one of `sha256` and `files` set;
+    /// with neither, an empty table, which opening refuses).
+    pub fn pin(&self) -> crate::model::pin::Pin {
+        use crate::model::pin::Pin;
+        match (&self.files, self.sha256) {
+            (Some(files), _) => Pin::Files(files.clone()),
+            (None, Some(sha)) => Pin::File(sha),
+            (None, None) => Pin::Files(Default::default()),
+        }
+    }
+
+    /// The weight format for `device`: the configured one, else `quantized` for a GGUF file on
+    /// the CPU (the packed kernels path), and `f32` on CUDA (what the GPU path has been
+    /// measured with) and for a Hugging Face directory (which has no quantized blocks).
     pub fn weights_on(&self, device: &candle_core::Device) -> WeightFormat {
-        self.weights.unwrap_or(if device.is_cpu() {
-            WeightFormat::Quantized
-        } else {
-            WeightFormat::F32
-        })
+        self.weights
+            .unwrap_or(if device.is_cpu() && self.files.is_none() {
+                WeightFormat::Quantized
+            } else {
+                WeightFormat::F32
+            })
     }
 }
 
@@ -523,6 +540,31 @@ impl Config {
             "model.path {:?} is a URL; models are loaded only from local files",
             m.path
         );
+        match (&m.sha256, &m.files) {
+            (Some(_), Some(_)) => bail!(
+                "model.sha256 and model.files are both set: pin a GGUF file with model.sha256, a \
+                 Hugging Face directory with model.files"
+            ),
+            (None, None) => bail!(
+                "model.sha256 (a GGUF file) or model.files (a directory) is required: print it \
+                 with `bulwark model hash PATH`"
+            ),
+            (None, Some(files)) => {
+                ensure!(!files.is_empty(), "model.files is empty");
+                if let Some(bad) = files
+                    .keys()
+                    .find(|n| !crate::model::pin::valid_file_name(n))
+                {
+                    bail!("model.files: {bad:?} is not a plain file name in the model directory");
+                }
+                ensure!(
+                    m.weights != Some(WeightFormat::Quantized),
+                    "model.weights = \"quantized\" needs a GGUF file; a Hugging Face directory \
+                     holds f32, f16 or bf16 weights: use \"f32\" or \"f16\""
+                );
+            }
+            (Some(_), None) => {}
+        }
         ensure!(
             m.context_length.is_none_or(|n| (1..=1 << 24).contains(&n)),
             "model.context_length must be between 1 and {} tokens",

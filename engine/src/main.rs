@@ -134,7 +134,10 @@ fn new_key(keys_file: &Path, name: &str) -> Result<()> {
 
 fn model(command: ModelCommand) -> Result<()> {
     match command {
-        ModelCommand::Hash { file } => println!("{}", bulwark::model::gguf::sha256_file(&file)?),
+        ModelCommand::Hash { path } if path.is_dir() => {
+            print!("{}", bulwark::model::pin::hash_directory(&path)?)
+        }
+        ModelCommand::Hash { path } => println!("{}", bulwark::model::file::sha256_file(&path)?),
         ModelCommand::Inspect { file } => print!("{}", bulwark::model::inspect(&file)?),
     }
     Ok(())
@@ -248,14 +251,8 @@ fn check_files_of(cfg: &Config) -> Result<()> {
 }
 
 fn check_model_pin(cfg: &Config) -> Result<()> {
-    let model = cfg.resolve(&cfg.model.path);
-    let actual = bulwark::model::gguf::sha256_file(&model)?;
-    anyhow::ensure!(
-        actual == cfg.model.sha256,
-        "model file {} has SHA-256 {actual}, but model.sha256 pins {}",
-        model.display(),
-        cfg.model.sha256
-    );
+    let pin = cfg.model.pin();
+    bulwark::model::pin::OpenedModel::open(&cfg.resolve(&cfg.model.path), &pin)?.verify(&pin)?;
     Ok(())
 }
 
@@ -280,7 +277,7 @@ fn init(
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))?;
     eprintln!("hashing {} ...", model.display());
-    let sha = bulwark::model::gguf::sha256_file(&model)?;
+    let sha = bulwark::model::file::sha256_file(&model)?;
     // Refuse to write a configuration for a file we cannot serve.
     bulwark::model::inspect(&model)?;
     let name = name.unwrap_or_else(|| {

@@ -208,7 +208,7 @@ impl Hello {
         let field = if self.version != peer.version {
             "protocol version"
         } else if self.model_sha256 != peer.model_sha256 {
-            "model SHA-256 (model.sha256)"
+            "model SHA-256 (model.sha256, or the digest of model.files)"
         } else if self.layers != peer.layers {
             "layer range (cluster.layers)"
         } else if self.last != peer.last {

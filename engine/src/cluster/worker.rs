@@ -24,7 +24,7 @@ use super::config::WorkerPeer;
 use super::frame::{self, Hello, Kind, Step, StepOutput};
 use crate::config::Config;
 use crate::infer::models::llama::{LayerItem, LlamaModel, SeqCache, last_rows};
-use crate::model::gguf::ModelFile;
+use crate::model::pin::OpenedModel;
 
 /// Sequences a worker keeps caches for at once; the head frees finished ones, so more than
 /// this means a misbehaving head.
@@ -42,7 +42,7 @@ enum Job {
 
 pub fn run(cfg: &Config) -> Result<()> {
     let (peer, tls) = identity(cfg)?;
-    let model_file = crate::serve::open_model_file(cfg)?;
+    let model_file = crate::serve::open_model(cfg)?;
 
     // INVARIANT: listeners are bound before confinement; afterwards no new port can be bound.
     let listener = TcpListener::bind(peer.listen)
@@ -80,7 +80,7 @@ pub fn run(cfg: &Config) -> Result<()> {
 /// cannot be undone in a test process).
 pub fn spawn_unconfined(cfg: &Config, listener: TcpListener) -> Result<()> {
     let (peer, tls) = identity(cfg)?;
-    let file = crate::serve::open_model_file(cfg)?;
+    let file = crate::serve::open_model(cfg)?;
     let layers = cfg
         .cluster
         .as_ref()
@@ -113,7 +113,7 @@ fn identity(cfg: &Config) -> Result<(WorkerPeer, Arc<rustls::ServerConfig>)> {
 /// calls), and hand the model over. Returns the job queue and this stage's Hello.
 fn spawn_stage_thread(
     cfg: &Config,
-    file: ModelFile,
+    file: OpenedModel,
     layers: std::ops::Range<usize>,
     compute_filter: Option<sandbox::ComputeFilter>,
 ) -> Result<(mpsc::SyncSender<Job>, Hello)> {
@@ -146,7 +146,7 @@ fn spawn_stage_thread(
         .map_err(anyhow::Error::msg)?;
     let model = crate::infer::load::load_worker_stage(
         file,
-        &cfg.model.sha256,
+        &cfg.model.pin(),
         layers.clone(),
         cfg.model.context_length,
         cfg.model.weights_on(&Device::Cpu),
@@ -155,7 +155,7 @@ fn spawn_stage_thread(
     .context("loading the stage")?;
     let hello = super::hello_for(
         &model.cfg,
-        &cfg.model.sha256,
+        &cfg.model.pin().identity(),
         layers,
         model.stage().head,
         super::max_step_rows(cfg.engine.max_batch_tokens, cfg.engine.max_batch),

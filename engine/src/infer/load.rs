@@ -1,34 +1,34 @@
-//! Loading a pinned model file into what serves it: the API's view (tokenizer, template,
+//! Loading a pinned model (a GGUF file or a Hugging Face directory) into what serves it: the API's view (tokenizer, template,
 //! limits) and the compute graph of the stage this node runs.
 
 use anyhow::{Context, Result};
 use candle_core::Device;
 
 use super::models::llama::{LlamaModel, StageSpec};
-use crate::model::ModelInfo;
 use crate::model::arch::{LlamaConfig, WeightFormat};
-use crate::model::gguf::{GgufFile, ModelFile};
+use crate::model::pin::{OpenedModel, Pin};
 use crate::model::template::ChatTemplate;
-use crate::model::tokenizer::ModelTokenizer;
+use crate::model::{ModelInfo, ParsedModel};
 
-/// Load a pinned GGUF model (on a cluster head, only `head_layers`): hash check, then header, tokenizer, template and weights.
+/// Load a pinned model (on a cluster head, only `head_layers`): every file hashed and
+/// compared with its pin, then the header, tokenizer, template and weights.
 pub fn load(
-    file: ModelFile,
-    sha256: &crate::digest::Sha256,
+    model: OpenedModel,
+    pin: &Pin,
     name: &str,
     context_length: Option<usize>,
     weights: WeightFormat,
     device: &Device,
     head_layers: Option<std::ops::Range<usize>>,
 ) -> Result<(ModelInfo, LlamaModel)> {
-    // INVARIANT: the hash check inside open_pinned runs before any parser sees the file.
-    let created = file.modified_secs();
-    let mut gguf = GgufFile::open_pinned(file, sha256)?;
-    let cfg = LlamaConfig::from_gguf(&gguf)?;
-    let info = model_info(&gguf, name, created, context_length)?;
+    let created = model.modified_secs();
+    // INVARIANT: every file is hashed and compared with its pin before any parser sees it.
+    let mut parsed = ParsedModel::parse(model.verify(pin)?)?;
+    let cfg = parsed.config()?;
+    let info = model_info(&parsed, name, created, context_length)?;
     let ctx = info.context_length;
-    let model = match head_layers {
-        None => LlamaModel::load(&mut gguf, weights, device, ctx)?,
+    let stage = match head_layers {
+        None => StageSpec::whole(cfg.n_layer),
         // A cluster head: the embedding and the first layers; the stages run the rest.
         Some(layers) => {
             anyhow::ensure!(
@@ -38,37 +38,37 @@ pub fn load(
                 layers.end,
                 cfg.n_layer
             );
-            let stage = StageSpec {
+            StageSpec {
                 layers,
                 embed: true,
                 head: false,
-            };
-            LlamaModel::load_stage(&mut gguf, stage, weights, device, ctx)?
+            }
         }
     };
+    let model = LlamaModel::load_stage(parsed.tensors(), cfg, stage, weights, device, ctx)?;
     Ok((info, model))
 }
 
 /// What the API needs of a model, from its header alone: tokenizer, chat template and context
 /// window. (The router tests build their state from this and no weights.)
 pub fn model_info(
-    gguf: &GgufFile,
+    model: &ParsedModel,
     name: &str,
     created: u64,
     context_length: Option<usize>,
 ) -> Result<ModelInfo> {
-    let cfg = LlamaConfig::from_gguf(gguf)?;
-    let tokenizer = ModelTokenizer::from_gguf(gguf).context("building the tokenizer")?;
+    let cfg = model.config()?;
+    let (tokenizer, template_source) = model.tokenizer_and_template()?;
     // Every id the API accepts must have an embedding row: a larger vocabulary would let a
     // request's token ids fail the whole batch's step instead of being refused.
     anyhow::ensure!(
         tokenizer.vocab_size <= cfg.vocab,
-        "tokenizer.ggml.tokens has {} tokens but the model has {} embedding rows ({}.vocab_size)",
+        "the tokenizer has {} tokens but the model has {} embedding rows ({})",
         tokenizer.vocab_size,
         cfg.vocab,
-        cfg.arch.key_prefix()
+        model.vocab_key()
     );
-    let template = match gguf.opt_str("tokenizer.chat_template") {
+    let template = match template_source {
         Some(src) => Some(
             ChatTemplate::new(
                 src,
@@ -78,7 +78,7 @@ pub fn model_info(
                     .unwrap_or_default(),
                 tokenizer.token_text(tokenizer.eos_id),
             )
-            .context("tokenizer.chat_template")?,
+            .context("the chat template (tokenizer.chat_template, or tokenizer_config.json's chat_template)")?,
         ),
         None => None,
     };
@@ -91,20 +91,20 @@ pub fn model_info(
     })
 }
 
-/// Load a pinned GGUF model for a worker stage: the hash check, the header and only the
-/// tensors of `layers` (and the final norm and LM head when they end at the model's last
-/// layer). A worker needs neither the embedding, nor the tokenizer, nor the template.
+/// Load a pinned model for a worker stage: the hash check, the header and only the tensors
+/// of `layers` (and the final norm and LM head when they end at the model's last layer). A
+/// worker needs neither the embedding, nor the tokenizer, nor the template.
 pub fn load_worker_stage(
-    file: ModelFile,
-    sha256: &crate::digest::Sha256,
+    model: OpenedModel,
+    pin: &Pin,
     layers: std::ops::Range<usize>,
     context_length: Option<usize>,
     weights: WeightFormat,
     device: &Device,
 ) -> Result<LlamaModel> {
-    // INVARIANT: the hash check inside open_pinned runs before any parser sees the file.
-    let mut gguf = GgufFile::open_pinned(file, sha256)?;
-    let cfg = LlamaConfig::from_gguf(&gguf)?;
+    // INVARIANT: every file is hashed and compared with its pin before any parser sees it.
+    let mut parsed = ParsedModel::parse(model.verify(pin)?)?;
+    let cfg = parsed.config()?;
     anyhow::ensure!(
         layers.end <= cfg.n_layer,
         "cluster.layers [{}, {}) go past the model's {} layers",
@@ -118,7 +118,7 @@ pub fn load_worker_stage(
         layers,
         embed: false,
     };
-    LlamaModel::load_stage(&mut gguf, stage, weights, device, ctx)
+    LlamaModel::load_stage(parsed.tensors(), cfg, stage, weights, device, ctx)
 }
 
 fn context_window(configured: Option<usize>, cfg: &LlamaConfig) -> Result<usize> {

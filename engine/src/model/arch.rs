@@ -151,12 +151,6 @@ impl LlamaConfig {
                 key("rope.scaling.type")
             );
         }
-        if let Some(w) = gguf.opt_u32(&key("attention.sliding_window")) {
-            bail!(
-                "{} is {w}: sliding-window attention is not supported",
-                key("attention.sliding_window")
-            );
-        }
         let vocab = match gguf.opt_u32(&key("vocab_size")) {
             Some(v) => v as usize,
             None => gguf.get_array("tokenizer.ggml.tokens")?.len(),
@@ -175,7 +169,12 @@ impl LlamaConfig {
                 .opt_f32(&key("attention.layer_norm_rms_epsilon"))
                 .unwrap_or(1e-5) as f64,
             vocab,
-            context_length: gguf.opt_u32(&key("context_length")).unwrap_or(2048) as usize,
+            context_length: window_capped(
+                gguf.opt_u32(&key("context_length")).unwrap_or(2048) as usize,
+                gguf.opt_u32(&key("attention.sliding_window"))
+                    .map(|w| w as usize),
+                &key("attention.sliding_window"),
+            )?,
         })
     }
 
@@ -187,5 +186,23 @@ impl LlamaConfig {
     /// Width of the keys (or values) of one row (all KV heads).
     pub fn kv_width(&self) -> usize {
         self.n_kv_head * self.head_dim
+    }
+}
+
+/// The context window of a model that may declare sliding-window attention: capped at the
+/// window, where attending to every earlier token and attending to the last `window` tokens
+/// are the same computation. (Mistral 7B v0.1: 4096 of its 32768 positions.)
+pub fn window_capped(context: usize, window: Option<usize>, key: &str) -> Result<usize> {
+    match window {
+        Some(0) => bail!("{key} is 0"),
+        Some(w) if w < context => {
+            tracing::info!(
+                window = w,
+                context,
+                "sliding-window attention: the context window is capped at the window"
+            );
+            Ok(w)
+        }
+        _ => Ok(context),
     }
 }

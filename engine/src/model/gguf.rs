@@ -1,8 +1,8 @@
-//! GGUF files: the pinned-hash check, the header, and typed access to metadata.
+//! GGUF files: the header, typed access to metadata, and tensors by name.
 //!
-//! Order matters here: the SHA-256 of the whole file is computed and compared with the pinned
-//! value *before* a single byte of it is parsed, so a tampered file never reaches the GGUF,
-//! tokenizer or template parsers.
+//! A file reaches [`GgufFile::parse`] only after its SHA-256 matched the pin
+//! (`model::pin::OpenedModel::verify`), so a tampered file never reaches the GGUF, tokenizer
+//! or template parsers.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
@@ -10,65 +10,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use candle_core::quantized::gguf_file::{Content, Value};
-use sha2::{Digest, Sha256};
 
-/// Read buffer for hashing: large enough that hashing a 100 MB file is I/O bound.
-const HASH_CHUNK_BYTES: usize = 1 << 20;
-
-/// A model file opened for reading: a regular file (never a FIFO, a device or a directory,
-/// which would hang or never end), held open by descriptor.
-///
-/// The server opens it before it drops privileges and confines itself, then hashes and parses
-/// it through this descriptor: the file's parent directories may be closed to the unprivileged
-/// user (a clone in /root), and Landlock needs no rule for it at all.
-pub struct ModelFile {
-    pub path: PathBuf,
-    file: File,
-}
-
-impl ModelFile {
-    pub fn open(path: &Path) -> Result<Self> {
-        let file = crate::files::open_regular(path, "model file")?;
-        Ok(Self {
-            path: path.to_owned(),
-            file,
-        })
-    }
-
-    /// SHA-256 of the whole file, as lowercase hex; leaves the file positioned at its start.
-    pub fn sha256(&mut self) -> Result<crate::digest::Sha256> {
-        self.file.seek(SeekFrom::Start(0))?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; HASH_CHUNK_BYTES];
-        loop {
-            let n = self
-                .file
-                .read(&mut buf)
-                .with_context(|| format!("reading {}", self.path.display()))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        self.file.seek(SeekFrom::Start(0))?;
-        Ok(crate::digest::Sha256(hasher.finalize().into()))
-    }
-
-    /// Seconds since the epoch of the last modification (the API's `created`), 0 if unknown.
-    pub fn modified_secs(&self) -> u64 {
-        self.file
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs())
-    }
-}
-
-/// SHA-256 of a regular file.
-pub fn sha256_file(path: &Path) -> Result<crate::digest::Sha256> {
-    ModelFile::open(path)?.sha256()
-}
+pub use super::file::ModelFile;
 
 /// Nesting of arrays in GGUF metadata followed by [`check_alignment`] (candle allows 64).
 const MAX_METADATA_DEPTH: usize = 64;
@@ -208,29 +151,30 @@ pub struct GgufFile {
     reader: BufReader<File>,
 }
 
-impl GgufFile {
-    /// Hash the file, compare with `expected_sha256`, and only then parse the header.
-    pub fn open_pinned(
-        mut file: ModelFile,
-        expected_sha256: &crate::digest::Sha256,
-    ) -> Result<Self> {
-        let actual = file.sha256()?;
-        if actual != *expected_sha256 {
-            bail!(
-                "model file {} has SHA-256 {actual}, but the configuration pins {expected_sha256} \
-                 (model.sha256); refusing to load it",
-                file.path.display()
-            );
-        }
-        Self::parse(file)
+impl super::TensorSource for GgufFile {
+    fn tensor(
+        &mut self,
+        name: &str,
+        device: &candle_core::Device,
+    ) -> Result<candle_core::quantized::QTensor> {
+        self.content
+            .tensor(&mut self.reader, name, device)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("reading tensor {name} from {}", self.path.display()))
     }
 
+    fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+}
+
+impl GgufFile {
     /// Parse without a pin: only for `bulwark model inspect`, which never serves.
     pub fn open_unverified(path: &Path) -> Result<Self> {
         Self::parse(ModelFile::open(path)?)
     }
 
-    fn parse(file: ModelFile) -> Result<Self> {
+    pub(super) fn parse(file: ModelFile) -> Result<Self> {
         let ModelFile { path, file } = file;
         let mut reader = BufReader::new(file);
         // INVARIANT: candle's reader divides by `general.alignment`; it is checked first.
@@ -244,21 +188,6 @@ impl GgufFile {
             content,
             reader,
         })
-    }
-
-    pub fn tensor(
-        &mut self,
-        name: &str,
-        device: &candle_core::Device,
-    ) -> Result<candle_core::quantized::QTensor> {
-        self.content
-            .tensor(&mut self.reader, name, device)
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .with_context(|| format!("reading tensor {name} from {}", self.path.display()))
-    }
-
-    pub fn has_tensor(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name)
     }
 
     fn get(&self, key: &str) -> Result<&Value> {

@@ -2,18 +2,33 @@
 //! knows how the model is computed (that is `infer`, which builds on this module).
 
 pub mod arch;
+pub mod file;
 pub mod gguf;
+pub mod hf;
+pub mod pin;
+pub mod safetensors;
 pub mod template;
 pub mod tokenizer;
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use arch::LlamaConfig;
 use gguf::GgufFile;
 use template::ChatTemplate;
 use tokenizer::ModelTokenizer;
+
+/// Where the loader reads weights from, by their GGUF names (a GGUF file, or a Hugging Face
+/// directory that maps them).
+pub trait TensorSource {
+    fn tensor(
+        &mut self,
+        name: &str,
+        device: &candle_core::Device,
+    ) -> Result<candle_core::quantized::QTensor>;
+    fn has_tensor(&self, name: &str) -> bool;
+}
 
 /// What the API layer needs from the model: tokenizer, template, limits. Shared read-only.
 pub struct ModelInfo {
@@ -22,6 +37,65 @@ pub struct ModelInfo {
     pub template: Option<ChatTemplate>,
     pub context_length: usize,
     pub created: u64,
+}
+
+/// A model whose files matched their pins, parsed by its format's reader.
+pub enum ParsedModel {
+    Gguf(GgufFile),
+    Hf(Box<hf::HfModel>),
+}
+
+impl ParsedModel {
+    /// Parse what `verify` checked. INVARIANT: only a [`pin::VerifiedModel`] gets here, so no
+    /// parser sees a byte that did not match its pin.
+    pub fn parse(model: pin::VerifiedModel) -> Result<Self> {
+        Ok(match model.0 {
+            pin::OpenedModel::Gguf(file) => Self::Gguf(GgufFile::parse(file)?),
+            pin::OpenedModel::Directory { files, .. } => {
+                Self::Hf(Box::new(hf::HfModel::parse(files)?))
+            }
+        })
+    }
+
+    pub fn config(&self) -> Result<LlamaConfig> {
+        match self {
+            Self::Gguf(g) => LlamaConfig::from_gguf(g),
+            Self::Hf(h) => Ok(h.config.clone()),
+        }
+    }
+
+    pub fn tensors(&mut self) -> &mut dyn TensorSource {
+        match self {
+            Self::Gguf(g) => g,
+            Self::Hf(h) => h.as_mut(),
+        }
+    }
+
+    /// The tokenizer, and the chat template's source when the model has one.
+    pub fn tokenizer_and_template(&self) -> Result<(ModelTokenizer, Option<&str>)> {
+        match self {
+            Self::Gguf(g) => Ok((
+                ModelTokenizer::from_gguf(g).context("building the tokenizer")?,
+                g.opt_str("tokenizer.chat_template"),
+            )),
+            Self::Hf(h) => Ok((
+                ModelTokenizer::from_hf(&h.tokenizer_json, &h.tokenizer_config, &h.generation)
+                    .context("building the tokenizer from tokenizer.json")?,
+                h.tokenizer_config.chat_template(),
+            )),
+        }
+    }
+
+    /// The name of the configuration key that sets the vocabulary size.
+    pub fn vocab_key(&self) -> String {
+        match self {
+            Self::Gguf(g) => format!(
+                "{}.vocab_size",
+                g.opt_str("general.architecture").unwrap_or("?")
+            ),
+            Self::Hf(_) => "config.json: vocab_size".into(),
+        }
+    }
 }
 
 /// `bulwark model inspect`: architecture, tensors and tokenizer summary of a GGUF file.

@@ -64,9 +64,10 @@ fn load(f: &Fixture, weights: WeightFormat) -> LlamaModel {
     let path = fixtures_dir().join(&f.file);
     // The pinned hash is the reference's: a fixture that is not the one llama.cpp saw is
     // refused here, before parsing, like any model file.
+    let pin = bulwark::model::pin::Pin::File(bulwark::digest::Sha256::parse(&f.sha256).unwrap());
     let (_, model) = bulwark::infer::load::load(
-        bulwark::model::gguf::ModelFile::open(&path).unwrap(),
-        &bulwark::digest::Sha256::parse(&f.sha256).unwrap(),
+        bulwark::model::pin::OpenedModel::open(&path, &pin).unwrap(),
+        &pin,
         &f.file,
         None,
         weights,

@@ -66,9 +66,12 @@ fn load_as(
     bulwark::model::ModelInfo,
     bulwark::infer::models::llama::LlamaModel,
 ) {
+    let pin = bulwark::model::pin::Pin::File(
+        bulwark::digest::Sha256::parse(util::model_sha256()).unwrap(),
+    );
     bulwark::infer::load::load(
-        bulwark::model::gguf::ModelFile::open(&util::model_path()).unwrap(),
-        &bulwark::digest::Sha256::parse(util::model_sha256()).unwrap(),
+        bulwark::model::pin::OpenedModel::open(&util::model_path(), &pin).unwrap(),
+        &pin,
         "m",
         Some(512),
         weights,

@@ -105,9 +105,13 @@ pub fn router_state(extra: &str) -> TestState {
     use bulwark::infer::scheduler;
     let cfg = config(extra);
     let gguf = bulwark::model::gguf::GgufFile::open_unverified(&model_path()).unwrap();
-    let info =
-        bulwark::infer::load::model_info(&gguf, &cfg.model.name, 0, cfg.model.context_length)
-            .unwrap();
+    let info = bulwark::infer::load::model_info(
+        &bulwark::model::ParsedModel::Gguf(gguf),
+        &cfg.model.name,
+        0,
+        cfg.model.context_length,
+    )
+    .unwrap();
     let info = Arc::new(info);
     let metrics = Arc::new(bulwark::metrics::Metrics::default());
     let pending = scheduler::spawn(

@@ -16,13 +16,15 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::embedding::Embedding;
 use super::packed::{self, HostKv, PackedLayer, Projection, RopeTable, Shape, Span};
+use crate::model::TensorSource;
 use crate::model::arch::{LlamaConfig, RopePairs, WeightFormat};
-use crate::model::gguf::GgufFile;
 
 fn linear(q: QTensor, format: WeightFormat, device: &Device) -> Result<QMatMul> {
     Ok(match (format, q.dtype()) {
         (WeightFormat::F32, _) | (_, GgmlDType::F32) => QMatMul::Tensor(q.dequantize(device)?),
         (WeightFormat::F16, _) => QMatMul::TensorF16(q.dequantize_f16(device)?),
+        // bf16 (safetensors) has no quantized kernels: computed in f32, as candle would.
+        (WeightFormat::Quantized, GgmlDType::BF16) => QMatMul::Tensor(q.dequantize(device)?),
         (WeightFormat::Quantized, _) => QMatMul::QTensor(std::sync::Arc::new(q)),
     })
 }
@@ -75,13 +77,13 @@ struct Block {
 
 impl Block {
     fn load(
-        gguf: &mut GgufFile,
+        src: &mut dyn TensorSource,
         i: usize,
         cfg: &LlamaConfig,
         format: WeightFormat,
         dev: &Device,
     ) -> Result<Self> {
-        let extras = LayerExtras::load(gguf, i, cfg)?;
+        let extras = LayerExtras::load(src, i, cfg)?;
         let vector = |v: Vec<f32>| -> Result<Tensor> {
             let n = v.len();
             Ok(Tensor::from_vec(v, n, dev)?)
@@ -94,7 +96,7 @@ impl Block {
             Some((q, k)) => Some((vector(q)?, vector(k)?)),
             None => None,
         };
-        let mut t = |name: &str| gguf.tensor(&format!("blk.{i}.{name}.weight"), dev);
+        let mut t = |name: &str| src.tensor(&format!("blk.{i}.{name}.weight"), dev);
         Ok(Self {
             qkv_bias,
             qk_norm,
@@ -112,8 +114,8 @@ impl Block {
 }
 
 /// A layer's small tensors (norms, biases), dequantized to plain values.
-fn values(gguf: &mut GgufFile, name: &str) -> Result<Vec<f32>> {
-    let t = gguf.tensor(name, &Device::Cpu)?;
+fn values(src: &mut dyn TensorSource, name: &str) -> Result<Vec<f32>> {
+    let t = src.tensor(name, &Device::Cpu)?;
     Ok(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?)
 }
 
@@ -125,21 +127,21 @@ struct LayerExtras {
 }
 
 impl LayerExtras {
-    fn load(gguf: &mut GgufFile, i: usize, cfg: &LlamaConfig) -> Result<Self> {
+    fn load(src: &mut dyn TensorSource, i: usize, cfg: &LlamaConfig) -> Result<Self> {
         let name = |t: &str| format!("blk.{i}.{t}");
         let qkv_bias = if cfg.arch.has_qkv_bias() {
             Some([
-                values(gguf, &name("attn_q.bias"))?,
-                values(gguf, &name("attn_k.bias"))?,
-                values(gguf, &name("attn_v.bias"))?,
+                values(src, &name("attn_q.bias"))?,
+                values(src, &name("attn_k.bias"))?,
+                values(src, &name("attn_v.bias"))?,
             ])
         } else {
             None
         };
         let qk_norm = if cfg.arch.has_qk_norm() {
             Some((
-                values(gguf, &name("attn_q_norm.weight"))?,
-                values(gguf, &name("attn_k_norm.weight"))?,
+                values(src, &name("attn_q_norm.weight"))?,
+                values(src, &name("attn_k_norm.weight"))?,
             ))
         } else {
             None
@@ -150,12 +152,12 @@ impl LayerExtras {
 
 /// `None` when one of the layer's matrices is in a format or shape the kernels lack.
 fn load_packed_layer(
-    gguf: &mut GgufFile,
+    src: &mut dyn TensorSource,
     i: usize,
     cfg: &LlamaConfig,
 ) -> Result<Option<PackedLayer>> {
     let cpu = Device::Cpu;
-    let mut t = |name: &str| gguf.tensor(&format!("blk.{i}.{name}.weight"), &cpu);
+    let mut t = |name: &str| src.tensor(&format!("blk.{i}.{name}.weight"), &cpu);
     let (q, k, v, o) = (t("attn_q")?, t("attn_k")?, t("attn_v")?, t("attn_output")?);
     let (gate, up, down) = (t("ffn_gate")?, t("ffn_up")?, t("ffn_down")?);
     let (Some(qkv), Some(wo), Some(gate_up), Some(down)) = (
@@ -166,14 +168,14 @@ fn load_packed_layer(
     ) else {
         return Ok(None);
     };
-    let extras = LayerExtras::load(gguf, i, cfg)?;
+    let extras = LayerExtras::load(src, i, cfg)?;
     Ok(Some(PackedLayer {
-        attn_norm: values(gguf, &format!("blk.{i}.attn_norm.weight"))?,
+        attn_norm: values(src, &format!("blk.{i}.attn_norm.weight"))?,
         qkv,
         qkv_bias: extras.qkv_bias.map(|b| b.concat()),
         qk_norm: extras.qk_norm,
         wo,
-        ffn_norm: values(gguf, &format!("blk.{i}.ffn_norm.weight"))?,
+        ffn_norm: values(src, &format!("blk.{i}.ffn_norm.weight"))?,
         gate_up,
         down,
     }))
@@ -182,7 +184,7 @@ fn load_packed_layer(
 /// The layers of `stage`: on the packed path when the weights are to stay quantized on the
 /// CPU and the kernels take every matrix of every layer, otherwise as tensors.
 fn load_layers(
-    gguf: &mut GgufFile,
+    src: &mut dyn TensorSource,
     stage: &StageSpec,
     cfg: &LlamaConfig,
     format: WeightFormat,
@@ -192,7 +194,7 @@ fn load_layers(
         let shape = Shape::of(cfg);
         let mut packed = Vec::with_capacity(stage.layers.len());
         for i in stage.layers.clone() {
-            match load_packed_layer(gguf, i, cfg)? {
+            match load_packed_layer(src, i, cfg)? {
                 Some(layer) => {
                     layer.check(&shape).with_context(|| format!("layer {i}"))?;
                     packed.push(layer);
@@ -214,7 +216,7 @@ fn load_layers(
     let blocks = stage
         .layers
         .clone()
-        .map(|i| Block::load(gguf, i, cfg, format, device))
+        .map(|i| Block::load(src, i, cfg, format, device))
         .collect::<Result<Vec<_>>>()?;
     Ok(Layers::Tensors(blocks))
 }
@@ -248,11 +250,11 @@ fn load_head(
 }
 
 /// `rope_freqs.weight` (Llama 3.1+ rope scaling) when the model has it, checked.
-fn read_rope_freqs(gguf: &mut GgufFile, cfg: &LlamaConfig) -> Result<Option<Vec<f32>>> {
-    if !gguf.has_tensor("rope_freqs.weight") {
+fn read_rope_freqs(src: &mut dyn TensorSource, cfg: &LlamaConfig) -> Result<Option<Vec<f32>>> {
+    if !src.has_tensor("rope_freqs.weight") {
         return Ok(None);
     }
-    let freqs = values(gguf, "rope_freqs.weight")?;
+    let freqs = values(src, "rope_freqs.weight")?;
     ensure!(
         freqs.len() == cfg.head_dim / 2 && freqs.iter().all(|f| f.is_finite() && *f > 0.0),
         "rope_freqs.weight must hold {} positive factors",
@@ -286,16 +288,16 @@ fn rope_tensors(
 /// The embedding (first stage) and the final norm with the LM head (last stage). A stage
 /// without the embedding still reads `token_embd.weight` when it is the head's (tied).
 fn load_ends(
-    gguf: &mut GgufFile,
+    src: &mut dyn TensorSource,
     stage: &StageSpec,
     cfg: &LlamaConfig,
     format: WeightFormat,
     packed: bool,
     device: &Device,
 ) -> Result<(Option<Embedding>, Option<Head>)> {
-    let tied = !gguf.has_tensor("output.weight");
+    let tied = !src.has_tensor("output.weight");
     let embed_q = if stage.embed || (stage.head && tied) {
-        let q = gguf.tensor("token_embd.weight", device)?;
+        let q = src.tensor("token_embd.weight", device)?;
         ensure!(
             q.shape().dims() == [cfg.vocab, cfg.hidden],
             "token_embd.weight has shape {:?}, expected [{}, {}]",
@@ -322,9 +324,9 @@ fn load_ends(
     };
     let lm_head = match embed_q {
         Some(q) if tied => q,
-        _ => gguf.tensor("output.weight", device)?,
+        _ => src.tensor("output.weight", device)?,
     };
-    let norm = gguf.tensor("output_norm.weight", device)?;
+    let norm = src.tensor("output_norm.weight", device)?;
     let head = load_head(norm, lm_head, packed, format, dense_embed, device)?;
     Ok((embed, Some(head)))
 }
@@ -465,36 +467,36 @@ pub struct LlamaModel {
 impl LlamaModel {
     /// Load every layer. `max_seq_len` bounds the rotary tables (and so the context).
     pub fn load(
-        gguf: &mut GgufFile,
+        src: &mut dyn TensorSource,
+        cfg: LlamaConfig,
         format: WeightFormat,
         device: &Device,
         max_seq_len: usize,
     ) -> Result<Self> {
-        let cfg = LlamaConfig::from_gguf(gguf)?;
         let stage = StageSpec::whole(cfg.n_layer);
-        Self::load_stage(gguf, stage, format, device, max_seq_len)
+        Self::load_stage(src, cfg, stage, format, device, max_seq_len)
     }
 
     /// Load only what `stage` runs: a worker holding layers 15..30 never reads the embedding
     /// unless it is the last stage of a model whose LM head is the embedding (tied weights).
     pub fn load_stage(
-        gguf: &mut GgufFile,
+        src: &mut dyn TensorSource,
+        mut cfg: LlamaConfig,
         stage: StageSpec,
         format: WeightFormat,
         device: &Device,
         max_seq_len: usize,
     ) -> Result<Self> {
-        let mut cfg = LlamaConfig::from_gguf(gguf)?;
-        cfg.rope_freqs = read_rope_freqs(gguf, &cfg)?;
+        cfg.rope_freqs = read_rope_freqs(src, &cfg)?;
         ensure!(
             stage.layers.start <= stage.layers.end && stage.layers.end <= cfg.n_layer,
             "layers {:?} are outside the model's {} layers",
             stage.layers,
             cfg.n_layer
         );
-        let layers = load_layers(gguf, &stage, &cfg, format, device)?;
+        let layers = load_layers(src, &stage, &cfg, format, device)?;
         let packed = matches!(layers, Layers::Packed(_));
-        let (embed, head) = load_ends(gguf, &stage, &cfg, format, packed, device)?;
+        let (embed, head) = load_ends(src, &stage, &cfg, format, packed, device)?;
         let (cos, sin) = rope_tensors(&cfg, max_seq_len, device)?;
         let rope = RopeTable::new(&cfg, if packed { max_seq_len } else { 0 });
         Ok(Self {
