@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 # The tiny per-architecture models the llama.cpp comparison runs on (tests/models/).
 BULWARK_FIXTURES=$(.venv/bin/python tests/models/make_fixtures.py)
 export BULWARK_FIXTURES
+# The same models and the demo model as Hugging Face directories (safetensors).
+tests/models/make-hf-fixtures.sh >/dev/null
 cargo fmt --all --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 cargo build --release --workspace

@@ -11,6 +11,7 @@ use bulwark::cli::{
     ModelCommand, SandboxCommand,
 };
 use bulwark::config::{Config, LogFormat};
+use bulwark::model::pin::Pin;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -135,7 +136,8 @@ fn new_key(keys_file: &Path, name: &str) -> Result<()> {
 fn model(command: ModelCommand) -> Result<()> {
     match command {
         ModelCommand::Hash { path } if path.is_dir() => {
-            print!("{}", bulwark::model::pin::hash_directory(&path)?)
+            let pins = bulwark::model::pin::directory_pins(&path)?;
+            print!("{}", bulwark::model::pin::files_table(&pins))
         }
         ModelCommand::Hash { path } => println!("{}", bulwark::model::file::sha256_file(&path)?),
         ModelCommand::Inspect { file } => print!("{}", bulwark::model::inspect(&file)?),
@@ -264,7 +266,7 @@ fn init(
 ) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     let model =
-        std::fs::canonicalize(model).with_context(|| format!("model file {}", model.display()))?;
+        std::fs::canonicalize(model).with_context(|| format!("model {}", model.display()))?;
     if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
         anyhow::bail!(
             "{} exists and is not empty; choose a new directory",
@@ -277,8 +279,12 @@ fn init(
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))?;
     eprintln!("hashing {} ...", model.display());
-    let sha = bulwark::model::file::sha256_file(&model)?;
-    // Refuse to write a configuration for a file we cannot serve.
+    let pin = if model.is_dir() {
+        Pin::Files(bulwark::model::pin::directory_pins(&model)?)
+    } else {
+        Pin::File(bulwark::model::file::sha256_file(&model)?)
+    };
+    // Refuse to write a configuration for a model we cannot serve.
     bulwark::model::inspect(&model)?;
     let name = name.unwrap_or_else(|| {
         model
@@ -292,10 +298,14 @@ fn init(
         &dir.join("key.pem"),
     )?;
     let key = bulwark::keys::append_new_key(&dir.join("keys"), "default")?;
+    let pin_toml = match &pin {
+        Pin::File(sha) => format!("sha256 = \"{sha}\"\n"),
+        Pin::Files(pins) => format!("\n{}", bulwark::model::pin::files_table(pins)),
+    };
     let config = format!(
         "# Written by `bulwark init`; every key is documented in docs/configuration.md.\n\
          [server]\nlisten = \"{listen}\"\ntls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\nkeys_file = \"keys\"\n\n\
-         [model]\npath = {path}\nsha256 = \"{sha}\"\nname = {name}\n",
+         [model]\npath = {path}\nname = {name}\n{pin_toml}",
         path = toml_string(&model.to_string_lossy()),
         name = toml_string(&name),
     );
@@ -303,7 +313,7 @@ fn init(
     std::fs::write(&cfg_path, config)?;
     Config::load(&cfg_path).context("the generated configuration does not validate")?;
     println!("config: {}", cfg_path.display());
-    println!("model: {name} (sha256 {sha})");
+    println!("model: {name} (pin {})", pin.identity());
     println!("url: https://{listen}/v1");
     println!("ca certificate: {}", dir.join("cert.pem").display());
     println!("api key: {key}");

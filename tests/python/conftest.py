@@ -26,13 +26,14 @@ def free_port():
 class Server:
     """A running server; stopped (SIGTERM, then SIGKILL) when the fixture ends."""
 
-    def __init__(self, tmp: Path, extra_config: str = "", init_args=()):
+    def __init__(self, tmp: Path, extra_config: str = "", init_args=(), model: Path = MODEL,
+                 model_keys: str = ""):
         assert BIN.exists(), f"{BIN} missing: build with cargo build --release"
-        assert MODEL.exists(), f"{MODEL} missing: run scripts/fetch-model.sh"
+        assert model.exists(), f"{model} missing: run scripts/fetch-model.sh"
         self.dir = tmp / "srv"
         self.port = free_port()
         self.metrics_port = free_port()
-        out = subprocess.run([BIN, "init", "--dir", self.dir, "--model", MODEL,
+        out = subprocess.run([BIN, "init", "--dir", self.dir, "--model", model,
                               "--listen", f"127.0.0.1:{self.port}", "--name", MODEL_NAME, *init_args],
                              check=True, capture_output=True, text=True).stdout
         last = out.strip().splitlines()[-1]
@@ -40,7 +41,7 @@ class Server:
         self.key = last.removeprefix("api key: ")
         self.config = self.dir / "bulwark.toml"
         text = self.config.read_text()
-        text = text.replace("[model]", f"[model]\ncontext_length = 2048\n", 1)
+        text = text.replace("[model]", f"[model]\ncontext_length = 2048\n{model_keys}", 1)
         text += f"\n[metrics]\nlisten = \"127.0.0.1:{self.metrics_port}\"\n" + extra_config
         self.config.write_text(text)
         self.ca = self.dir / "cert.pem"

@@ -410,6 +410,23 @@ impl HfModel {
         Ok(model)
     }
 
+    /// The weights in a line: tensors, files, element types.
+    pub fn summary(&self) -> String {
+        let mut types = BTreeMap::<String, usize>::new();
+        for shard in &self.shards {
+            for e in shard.tensors.values() {
+                *types.entry(format!("{:?}", e.dtype)).or_default() += 1;
+            }
+        }
+        let types: Vec<String> = types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+        format!(
+            "{} tensors in {} safetensors file(s) ({})",
+            self.location.len(),
+            self.shards.len(),
+            types.join(", ")
+        )
+    }
+
     /// Every tensor the architecture needs, with its shape, by HF name.
     fn expected(&self) -> BTreeMap<String, Vec<usize>> {
         let c = &self.config;

@@ -98,8 +98,12 @@ impl ParsedModel {
     }
 }
 
-/// `bulwark model inspect`: architecture, tensors and tokenizer summary of a GGUF file.
+/// `bulwark model inspect`: architecture, tensors and tokenizer summary of a GGUF file or a
+/// Hugging Face directory.
 pub fn inspect(path: &Path) -> Result<String> {
+    if path.is_dir() {
+        return inspect_directory(path);
+    }
     use std::fmt::Write;
     let gguf = GgufFile::open_unverified(path)?;
     let mut out = String::new();
@@ -157,6 +161,53 @@ pub fn inspect(path: &Path) -> Result<String> {
         w,
         "chat_template: {}",
         if gguf.opt_str("tokenizer.chat_template").is_some() {
+            "present"
+        } else {
+            "absent"
+        }
+    )?;
+    Ok(out)
+}
+
+/// `bulwark model inspect DIR`: the directory parsed as the server would (with the pins it
+/// has now), its configuration, weights and tokenizer summarized.
+fn inspect_directory(dir: &Path) -> Result<String> {
+    use std::fmt::Write;
+    let pin = pin::Pin::Files(pin::directory_pins(dir)?);
+    let parsed = ParsedModel::parse(pin::OpenedModel::open(dir, &pin)?.verify(&pin)?)?;
+    let mut out = String::new();
+    let w = &mut out;
+    writeln!(w, "directory: {}", dir.display())?;
+    let c = parsed.config()?;
+    writeln!(
+        w,
+        "architecture: {:?}\nlayers: {}\nhidden: {}\nffn: {}\nheads: {} (kv {})\nhead_dim: {}\n\
+         context_length: {}\nrope_theta: {}\nrms_eps: {}\nvocab: {}",
+        c.arch,
+        c.n_layer,
+        c.hidden,
+        c.ffn,
+        c.n_head,
+        c.n_kv_head,
+        c.head_dim,
+        c.context_length,
+        c.rope_theta,
+        c.rms_eps,
+        c.vocab
+    )?;
+    if let ParsedModel::Hf(h) = &parsed {
+        writeln!(w, "weights: {}", h.summary())?;
+    }
+    let (t, template) = parsed.tokenizer_and_template()?;
+    writeln!(
+        w,
+        "tokenizer: {} ({}), {} tokens, {} special, bos {:?}, eos {}, add_bos {}",
+        t.model_kind, t.pre_kind, t.vocab_size, t.special_count, t.bos_id, t.eos_id, t.add_bos
+    )?;
+    writeln!(
+        w,
+        "chat_template: {}",
+        if template.is_some() {
             "present"
         } else {
             "absent"

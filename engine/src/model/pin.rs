@@ -146,9 +146,9 @@ fn check(file: &mut ModelFile, want: &Sha256, key: &str) -> Result<()> {
     Ok(())
 }
 
-/// `bulwark model hash DIR`: the `model.files` table of a Hugging Face directory, as TOML: the
-/// files the loader reads (configuration, tokenizer, weights; the index's shards) that exist.
-pub fn hash_directory(dir: &Path) -> Result<String> {
+/// The pins of a Hugging Face directory as it is now: the SHA-256 of each file the loader
+/// reads that exists (configuration, tokenizer, weights; the index's shards).
+pub fn directory_pins(dir: &Path) -> Result<BTreeMap<String, Sha256>> {
     let mut names: Vec<String> = super::hf::FILES_READ
         .iter()
         .filter(|n| dir.join(n).is_file())
@@ -161,19 +161,27 @@ pub fn hash_directory(dir: &Path) -> Result<String> {
             &f.read_all(super::hf::MAX_INDEX_BYTES)?,
         )?);
     }
-    names.sort();
-    names.dedup();
     ensure!(
         names.iter().any(|n| n == super::hf::CONFIG_FILE),
         "{} has no config.json: not a Hugging Face model directory",
         dir.display()
     );
+    names
+        .into_iter()
+        .map(|name| {
+            let sha = super::file::sha256_file(&dir.join(&name))?;
+            Ok((name, sha))
+        })
+        .collect()
+}
+
+/// `bulwark model hash DIR`: the `model.files` table of a directory, as TOML.
+pub fn files_table(pins: &BTreeMap<String, Sha256>) -> String {
     let mut out = String::from("[model.files]\n");
-    for name in names {
-        let sha = super::file::sha256_file(&dir.join(&name))?;
+    for (name, sha) in pins {
         out.push_str(&format!("\"{name}\" = \"{sha}\"\n"));
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]

@@ -1,35 +1,82 @@
-//! A `tokenizers::Tokenizer` built from GGUF metadata alone (no tokenizer.json needed), plus
-//! the incremental detokenizer used while streaming.
+//! The model's tokenizer, built from GGUF metadata alone (no tokenizer.json needed): byte-level
+//! BPE on the `tokenizers` crate, SentencePiece as llama.cpp computes it, and the rule both
+//! share for where control tokens may appear.
 
-use anyhow::{Context, Result, bail, ensure};
-use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::BPE;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+mod bpe;
+mod detokenizer;
+mod fragments;
+mod metadata;
+mod spm;
+
+pub use detokenizer::Detokenizer;
+
+use anyhow::{Result, bail, ensure};
 
 use super::gguf::GgufFile;
+use bpe::ByteLevelBpe;
+use fragments::{Fragment, SpecialToken};
+use spm::Spm;
 
-/// llama.cpp's token types: 3 = control, 4 = user-defined. Both must never be split by BPE.
-const TOKEN_TYPE_CONTROL: i32 = 3;
-const TOKEN_TYPE_USER_DEFINED: i32 = 4;
+/// `tokenizer.ggml.add_space_prefix`: whether SentencePiece puts a space before the text.
+const ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
+/// `tokenizer.ggml.add_bos_token`.
+const ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
 
-/// Llama 3's pre-tokenizer regex (llama.cpp `LLAMA_VOCAB_PRE_TYPE_LLAMA3`).
-const LLAMA3_PRETOKENIZER_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// End-of-turn markers of the common chat formats: generation stops at any the vocabulary has.
+const END_OF_TURN_MARKERS: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|endoftext|>",
+    // Phi-3's end of turn (llama.cpp finds it by this text too).
+    "<|end|>",
+];
 
-/// Qwen2's pre-tokenizer regex (llama.cpp `LLAMA_VOCAB_PRE_TYPE_QWEN2`): Llama 3's with
-/// digits one at a time.
-const QWEN2_PRETOKENIZER_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// What turns raw text (no special token in it) into ids, and ids back into text.
+pub enum Encoder {
+    Bpe(ByteLevelBpe),
+    Spm(Spm),
+}
+
+impl Encoder {
+    /// The id of the token whose text is `text` (special tokens included).
+    pub fn token_to_id(&self, text: &str) -> Option<u32> {
+        match self {
+            Self::Bpe(b) => b.token_to_id(text),
+            Self::Spm(s) => s.token_to_id(text),
+        }
+    }
+
+    /// Ids of one run of raw text; `after_special` when it starts the prompt or follows a
+    /// special token (SentencePiece's space prefix goes there).
+    fn encode(&self, text: &str, after_special: bool) -> Result<Vec<u32>> {
+        match self {
+            Self::Bpe(b) => b.encode(text),
+            Self::Spm(s) => s.encode(text, after_special),
+        }
+    }
+}
+
+/// Everything a [`ModelTokenizer`] is made of, whatever file it was read from.
+struct TokenizerParts {
+    encoder: Encoder,
+    model_kind: String,
+    pre_kind: String,
+    vocab_size: usize,
+    /// The tokens cut out of trusted text before it is tokenized (llama.cpp's control,
+    /// user-defined and unknown tokens).
+    specials: Vec<SpecialToken>,
+    bos_id: Option<u32>,
+    eos_id: u32,
+    /// Ids that end a generation besides EOS and the [`END_OF_TURN_MARKERS`] (EOT).
+    extra_stop_ids: Vec<u32>,
+    add_bos: bool,
+    max_token_bytes: usize,
+}
 
 /// The tokenizer and the special tokens the engine needs to know about.
 pub struct ModelTokenizer {
-    pub inner: Tokenizer,
-    /// The same tokenizer with special tokens encoded as plain text: for untrusted text
-    /// (message contents, completion prompts), where `<|im_start|>` typed by a user must not
-    /// become the control token.
-    plain: Tokenizer,
+    pub inner: Encoder,
     pub bos_id: Option<u32>,
     pub eos_id: u32,
     /// Every id that ends a generation (EOS, end-of-turn tokens).
@@ -39,10 +86,10 @@ pub struct ModelTokenizer {
     pub model_kind: String,
     pub pre_kind: String,
     pub special_count: usize,
-    /// Per id: a control or user-defined token, stored as plain text.
+    /// Per id: a token that only trusted text can produce.
     special: Vec<bool>,
-    /// The text of every control or user-defined token, for placing message contents.
-    special_texts: Vec<String>,
+    /// The special tokens in the order they are searched for in trusted text.
+    specials: Vec<SpecialToken>,
     /// Bytes in the longest token: a text of N bytes is at least N / this many tokens, which
     /// bounds a prompt before it is tokenized.
     pub max_token_bytes: usize,
@@ -51,89 +98,128 @@ pub struct ModelTokenizer {
 impl ModelTokenizer {
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let model_kind = gguf.get_str("tokenizer.ggml.model")?.to_owned();
-        if model_kind != "gpt2" {
-            bail!(
-                "tokenizer.ggml.model is {model_kind:?}; only byte-level BPE (\"gpt2\") tokenizers \
-                 are supported"
-            );
-        }
         let pre_kind = gguf
             .opt_str("tokenizer.ggml.pre")
             .unwrap_or("default")
             .to_owned();
-        let (tokens, merges, types) = read_vocabulary(gguf)?;
-        let vocab: ahash::AHashMap<String, u32> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
+        let tokens = metadata::tokens(gguf)?;
+        let n = tokens.len();
+        let types = metadata::token_types(gguf, n)?;
+        let eos_id = metadata::id(gguf, metadata::EOS_ID, n)?;
+        let bos_id = metadata::opt_id(gguf, metadata::BOS_ID, n)?;
+        let extra_stop_ids = metadata::opt_id(gguf, metadata::EOT_ID, n)?
+            .into_iter()
             .collect();
-        // tokenizers' builder panics (it slices past its buffer) on a merge whose result is
-        // longer than every token, instead of reporting the missing token: checked here first.
-        if let Some((a, b)) = merges
-            .iter()
-            .find(|(a, b)| !vocab.contains_key(&format!("{a}{b}")))
-        {
-            bail!(
-                "tokenizer.ggml.merges: the merge {a:?} {b:?} makes a token that is not in \
-                 tokenizer.ggml.tokens"
-            );
-        }
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| anyhow::anyhow!("building BPE model: {e}"))?;
-        let mut inner = Tokenizer::new(bpe);
-
-        let pre = pre_tokenizer(&pre_kind)?;
-        inner.with_pre_tokenizer(Some(pre));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
-
-        let specials: Vec<AddedToken> = tokens
-            .iter()
-            .zip(&types)
-            .filter(|(_, t)| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
-            .map(|(tok, _)| AddedToken::from(tok.clone(), true))
+        let add_bos = gguf.opt_bool(ADD_BOS);
+        let mut specials: Vec<SpecialToken> = (0u32..)
+            .zip(tokens.iter().zip(&types))
+            .filter(|(_, (_, t))| t.is_special())
+            .map(|(id, (text, _))| SpecialToken {
+                text: text.clone(),
+                id,
+                rstrip: false,
+            })
             .collect();
-        let special_count = specials.len();
-        let special_texts: Vec<String> = specials.iter().map(|t| t.content.clone()).collect();
-        let special: Vec<bool> = types
-            .iter()
-            .map(|t| matches!(*t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
-            .collect();
-        inner
-            .add_special_tokens(specials)
-            .map_err(|e| anyhow::anyhow!("adding special tokens: {e}"))?;
-
-        let eos_id = gguf.get_u32("tokenizer.ggml.eos_token_id")?;
-        let bos_id = gguf.opt_u32("tokenizer.ggml.bos_token_id");
-        let stop_ids = stop_ids(gguf, &inner, eos_id);
-        let mut plain = inner.clone();
-        plain.set_encode_special_tokens(true);
         let max_token_bytes = tokens.iter().map(String::len).max().unwrap_or(1).max(1);
-        Ok(Self {
+        let (encoder, add_bos) = match model_kind.as_str() {
+            "gpt2" => (
+                Encoder::Bpe(ByteLevelBpe::from_gguf(gguf, &pre_kind, &tokens, &types)?),
+                add_bos.unwrap_or_else(|| bpe::adds_bos_by_default(&pre_kind)),
+            ),
+            "llama" => {
+                // llama.cpp's defaults for SentencePiece: BOS first, a space before the text.
+                let add_bos = add_bos.unwrap_or(true);
+                let leading_bos = bos_id.filter(|_| add_bos);
+                let add_space_prefix = gguf.opt_bool(ADD_SPACE_PREFIX).unwrap_or(true);
+                let scores = metadata::scores(gguf, n)?;
+                if is_phi3(gguf) {
+                    // llama.cpp drops the whitespace after Phi-3's special tokens.
+                    specials.iter_mut().for_each(|s| s.rstrip = true);
+                }
+                let spm = Spm::new(tokens, &types, &scores, add_space_prefix, leading_bos)?;
+                (Encoder::Spm(spm), add_bos)
+            }
+            other => bail!(
+                "tokenizer.ggml.model is {other:?}; supported: \"gpt2\" (byte-level BPE) and \
+                 \"llama\" (SentencePiece)"
+            ),
+        };
+        Self::from_parts(TokenizerParts {
+            encoder,
+            model_kind,
+            pre_kind,
+            vocab_size: n,
+            specials,
+            bos_id,
+            eos_id,
+            extra_stop_ids,
+            add_bos,
             max_token_bytes,
-            vocab_size: tokens.len(),
-            plain,
-            inner,
+        })
+    }
+
+    /// Assemble a tokenizer; every id must name a token.
+    fn from_parts(parts: TokenizerParts) -> Result<Self> {
+        let TokenizerParts {
+            encoder,
+            model_kind,
+            pre_kind,
+            vocab_size,
+            mut specials,
+            bos_id,
+            eos_id,
+            extra_stop_ids,
+            add_bos,
+            max_token_bytes,
+        } = parts;
+        let in_range = |id: u32| (id as usize) < vocab_size;
+        ensure!(
+            specials.iter().all(|s| in_range(s.id)),
+            "a special token's id is outside the vocabulary"
+        );
+        ensure!(
+            in_range(eos_id)
+                && bos_id.is_none_or(in_range)
+                && extra_stop_ids.iter().all(|&id| in_range(id)),
+            "BOS, EOS or a stop id is outside the vocabulary of {vocab_size} tokens"
+        );
+        let mut special = vec![false; vocab_size];
+        for s in &specials {
+            special[s.id as usize] = true;
+        }
+        fragments::search_order(&mut specials);
+        let mut stop_ids = vec![eos_id];
+        stop_ids.extend(extra_stop_ids);
+        stop_ids.extend(
+            END_OF_TURN_MARKERS
+                .iter()
+                .filter_map(|m| encoder.token_to_id(m))
+                .filter(|&id| in_range(id)),
+        );
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        Ok(Self {
+            inner: encoder,
             bos_id,
             eos_id,
             stop_ids,
-            add_bos: gguf
-                .opt_bool("tokenizer.ggml.add_bos_token")
-                .unwrap_or(false),
+            add_bos,
+            vocab_size,
             model_kind,
             pre_kind,
-            special_count,
+            special_count: specials.len(),
             special,
-            special_texts,
+            specials,
+            max_token_bytes: max_token_bytes.max(1),
         })
     }
 
     /// Token ids of a rendered chat prompt. Control tokens are recognised only in what the
     /// template itself wrote: each message's content (`contents`, in order) is located in the
-    /// rendered text and encoded as plain text. BOS is added only if the model asks for it.
+    /// rendered text and kept as plain text. The rest is then tokenized as llama.cpp would
+    /// tokenize the whole prompt. BOS is added only if the model asks for it.
     pub fn encode_chat(&self, rendered: &str, contents: &[&str]) -> Result<Vec<u32>> {
-        let mut ids = Vec::new();
+        let mut pieces = Vec::with_capacity(2 * contents.len() + 1);
         let mut at = 0;
         for content in contents {
             let Some((start, end)) = self.find_content(rendered, at, content)? else {
@@ -147,36 +233,67 @@ impl ModelTokenizer {
                 }
                 continue;
             };
-            ids.extend(self.encode_with(&self.inner, &rendered[at..start])?);
-            ids.extend(self.encode_with(&self.plain, &rendered[start..end])?);
+            pieces.push(Fragment::Text {
+                text: &rendered[at..start],
+                open: true,
+            });
+            pieces.push(Fragment::Text {
+                text: &rendered[start..end],
+                open: false,
+            });
             at = end;
         }
-        ids.extend(self.encode_with(&self.inner, &rendered[at..])?);
+        pieces.push(Fragment::Text {
+            text: &rendered[at..],
+            open: true,
+        });
+        let ids = self.encode_fragments(fragments::partition(pieces, &self.specials))?;
         Ok(self.with_bos(ids))
     }
 
     /// Token ids of untrusted text (a completion prompt): control tokens written in it are
     /// encoded as the characters they are made of.
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
-        let ids = self.encode_with(&self.plain, text)?;
+        let ids = self.encode_fragments(vec![Fragment::Text { text, open: false }])?;
         Ok(self.with_bos(ids))
     }
 
     /// Token ids of trusted text, control tokens recognised (the chat template's output when no
     /// message is involved, and tests).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let ids = self.encode_with(&self.inner, text)?;
+        let open = vec![Fragment::Text { text, open: true }];
+        let ids = self.encode_fragments(fragments::partition(open, &self.specials))?;
         Ok(self.with_bos(ids))
     }
 
-    fn encode_with(&self, t: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-        if text.is_empty() {
-            return Ok(Vec::new());
+    /// Special tokens as they are; each run of adjacent text tokenized as one, so that where
+    /// a message's content meets the template's text is invisible to the tokenizer.
+    fn encode_fragments(&self, fragments: Vec<Fragment<'_>>) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        let mut run = String::new();
+        // llama.cpp's `is_prev_special`: a run starts the prompt or follows a special token.
+        let mut after_special = true;
+        for fragment in fragments {
+            match fragment {
+                Fragment::Text { text, .. } => run.push_str(text),
+                Fragment::Special(id) => {
+                    self.encode_run(&mut run, after_special, &mut ids)?;
+                    ids.push(id);
+                    after_special = true;
+                }
+            }
         }
-        let enc = t
-            .encode_fast(text, false)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        Ok(enc.get_ids().to_vec())
+        self.encode_run(&mut run, after_special, &mut ids)?;
+        Ok(ids)
+    }
+
+    /// Tokenize the text gathered in `run` onto `ids`, and empty it.
+    fn encode_run(&self, run: &mut String, after_special: bool, ids: &mut Vec<u32>) -> Result<()> {
+        if !run.is_empty() {
+            ids.extend(self.inner.encode(run, after_special)?);
+            run.clear();
+        }
+        Ok(())
     }
 
     fn with_bos(&self, mut ids: Vec<u32>) -> Vec<u32> {
@@ -191,38 +308,46 @@ impl ModelTokenizer {
 
     /// Whether `text` contains the text of any control (special) token.
     fn holds_control_text(&self, text: &str) -> bool {
-        self.encode_with(&self.inner, text)
-            .map(|ids| ids.iter().any(|&id| self.is_special(id)))
-            .unwrap_or(true)
+        self.specials
+            .iter()
+            .any(|s| !s.text.is_empty() && text.contains(&s.text))
     }
 
     pub fn is_special(&self, id: u32) -> bool {
         self.special.get(id as usize).copied().unwrap_or(false)
     }
 
+    /// Text of `ids`, control tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| anyhow::anyhow!("{e}"))
+        match &self.inner {
+            Encoder::Bpe(b) => b.decode(ids),
+            Encoder::Spm(s) => Ok(s.decode(ids)),
+        }
     }
 
+    /// Text of one token, a control token's included.
     pub fn token_text(&self, id: u32) -> String {
-        self.inner.decode(&[id], false).unwrap_or_default()
+        match &self.inner {
+            Encoder::Bpe(b) => b.token_text(id),
+            Encoder::Spm(s) => String::from_utf8_lossy(&s.piece_bytes(id, true)).into_owned(),
+        }
     }
 
     /// Raw bytes of one token (OpenAI's `bytes` in logprobs): a token can hold part of a
     /// UTF-8 character, which its text shows only as U+FFFD.
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
-        let Some(piece) = self.inner.id_to_token(id) else {
-            return Vec::new();
-        };
-        let bytes: Option<Vec<u8>> = piece.chars().map(byte_level_char_to_byte).collect();
-        match bytes {
-            // Added (special) tokens are stored as plain text, not byte-level encoded.
-            Some(b) if !self.special.get(id as usize).copied().unwrap_or(false) => b,
-            _ => piece.into_bytes(),
+        match &self.inner {
+            Encoder::Bpe(b) => b.token_bytes(id, self.is_special(id)),
+            Encoder::Spm(s) => s.piece_bytes(id, true),
         }
     }
+}
+
+/// Phi-3's files, which llama.cpp recognises by name to strip whitespace after its special
+/// tokens.
+fn is_phi3(gguf: &GgufFile) -> bool {
+    let name = gguf.opt_str("general.name").unwrap_or("").to_lowercase();
+    name.contains("phi-3") || name.contains("phi3")
 }
 
 impl ModelTokenizer {
@@ -268,342 +393,20 @@ impl ModelTokenizer {
     /// Whether byte `at` of `text` falls strictly inside the text of a control token.
     fn cuts_special(&self, text: &str, at: usize) -> bool {
         let bytes = text.as_bytes();
-        self.special_texts.iter().any(|s| {
-            let s = s.as_bytes();
+        self.specials.iter().any(|s| {
+            let s = s.text.as_bytes();
             (at.saturating_sub(s.len().saturating_sub(1))..at)
                 .any(|k| k + s.len() > at && bytes[k..].starts_with(s))
         })
     }
 }
 
-/// The vocabulary, merges and token types of a GGUF tokenizer, with their lengths checked.
-type Vocabulary = (Vec<String>, Vec<(String, String)>, Vec<i32>);
-
-fn read_vocabulary(gguf: &GgufFile) -> Result<Vocabulary> {
-    let tokens: Vec<String> = gguf
-        .get_array("tokenizer.ggml.tokens")?
-        .iter()
-        .map(|v| v.to_string().cloned().map_err(|e| anyhow::anyhow!("{e}")))
-        .collect::<Result<_>>()
-        .context("tokenizer.ggml.tokens")?;
-    let merges: Vec<(String, String)> = gguf
-        .get_array("tokenizer.ggml.merges")?
-        .iter()
-        .map(|v| {
-            let s = v.to_string().map_err(|e| anyhow::anyhow!("{e}"))?;
-            let (a, b) = s
-                .split_once(' ')
-                .with_context(|| format!("bad merge {s:?}"))?;
-            Ok((a.to_owned(), b.to_owned()))
-        })
-        .collect::<Result<_>>()
-        .context("tokenizer.ggml.merges")?;
-    let types: Vec<i32> = match gguf.content.metadata.get("tokenizer.ggml.token_type") {
-        Some(v) => v
-            .to_vec()
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .iter()
-            .map(|t| t.to_i32().map_err(|e| anyhow::anyhow!("{e}")))
-            .collect::<Result<_>>()
-            .context("tokenizer.ggml.token_type")?,
-        None => vec![1; tokens.len()],
-    };
-    if types.len() != tokens.len() {
-        bail!(
-            "tokenizer.ggml.token_type has {} entries for {} tokens",
-            types.len(),
-            tokens.len()
-        );
-    }
-
-    Ok((tokens, merges, types))
-}
-
-/// The pre-tokenizer llama.cpp uses for `tokenizer.ggml.pre`.
-fn pre_tokenizer(pre_kind: &str) -> Result<PreTokenizerWrapper> {
-    Ok(match pre_kind {
-        // llama.cpp's `smollm`: digits split one by one, then GPT-2 byte-level splitting.
-        "smollm" => Sequence::new(vec![
-            Digits::new(true).into(),
-            ByteLevel::new(false, true, true).into(),
-        ])
-        .into(),
-        "gpt2" | "default" => ByteLevel::new(false, true, true).into(),
-        "llama-bpe" | "llama3" => regex_then_bytes(LLAMA3_PRETOKENIZER_REGEX)?,
-        "qwen2" => regex_then_bytes(QWEN2_PRETOKENIZER_REGEX)?,
-        other => bail!(
-            "tokenizer.ggml.pre {other:?} is not supported (supported: smollm, gpt2, default, \
-             llama-bpe, llama3, qwen2)"
-        ),
-    })
-}
-
-/// Split on `regex` (matches kept as pieces), then map bytes to GPT-2's byte-level symbols.
-fn regex_then_bytes(regex: &str) -> Result<PreTokenizerWrapper> {
-    Ok(Sequence::new(vec![
-        Split::new(
-            SplitPattern::Regex(regex.into()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(|e| anyhow::anyhow!("pre-tokenizer regex: {e}"))?
-        .into(),
-        ByteLevel::new(false, true, false).into(),
-    ])
-    .into())
-}
-
-/// Every id that ends a generation: EOS, EOT, and the end-of-turn markers of the common chat
-/// formats when the vocabulary has them.
-fn stop_ids(gguf: &GgufFile, inner: &Tokenizer, eos_id: u32) -> Vec<u32> {
-    let mut stop_ids = vec![eos_id];
-    if let Some(eot) = gguf.opt_u32("tokenizer.ggml.eot_token_id") {
-        stop_ids.push(eot);
-    }
-    // End-of-turn markers of the common chat formats, when the vocabulary has them.
-    for marker in END_OF_TURN_MARKERS {
-        if let Some(id) = inner.token_to_id(marker) {
-            stop_ids.push(id);
-        }
-    }
-    stop_ids.sort_unstable();
-    stop_ids.dedup();
-    stop_ids
-}
-
-/// GPT-2's byte-level alphabet, inverted: printable bytes stand for themselves, the others were
-/// shifted to U+0100 and up, in order.
-fn byte_level_char_to_byte(c: char) -> Option<u8> {
-    let printable =
-        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-    let cp = c as u32;
-    if printable(cp) {
-        return Some(cp as u8);
-    }
-    let n = cp.checked_sub(256)?;
-    (0u32..=255)
-        .filter(|b| !printable(*b))
-        .nth(n as usize)
-        .map(|b| b as u8)
-}
-
-/// Turns a growing list of token ids into text deltas without ever splitting a UTF-8
-/// character: a delta is released only once it no longer ends in a partial character.
-#[derive(Default)]
-pub struct Detokenizer {
-    ids: Vec<u32>,
-    /// Start of the window re-decoded each step (a few tokens back, for merges across tokens).
-    prefix_offset: usize,
-    /// Ids before this index have been released as text.
-    read_offset: usize,
-}
-
-impl Detokenizer {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Add one id; returns the newly complete text, if any.
-    pub fn push(&mut self, tok: &ModelTokenizer, id: u32) -> String {
-        self.ids.push(id);
-        let (prefix, full) = self.window(tok);
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
-            self.release();
-            full[prefix.len()..].to_owned()
-        } else {
-            String::new()
-        }
-    }
-
-    /// The text of the ids already released in the window, and of the whole window.
-    fn window(&self, tok: &ModelTokenizer) -> (String, String) {
-        let prefix = tok
-            .decode(&self.ids[self.prefix_offset..self.read_offset])
-            .unwrap_or_default();
-        let full = tok
-            .decode(&self.ids[self.prefix_offset..])
-            .unwrap_or_default();
-        (prefix, full)
-    }
-
-    /// Mark every id as released; the window restarts at the previous release point.
-    fn release(&mut self) {
-        self.prefix_offset = self.read_offset;
-        self.read_offset = self.ids.len();
-    }
-
-    /// At the end of a generation: whatever is still held back (a character cut by the last
-    /// token), with the incomplete bytes shown as U+FFFD, as a client decoding the bytes would.
-    pub fn flush(&mut self, tok: &ModelTokenizer) -> String {
-        if self.read_offset == self.ids.len() {
-            return String::new();
-        }
-        let (prefix, full) = self.window(tok);
-        self.release();
-        match full.strip_prefix(prefix.as_str()) {
-            Some(rest) => rest.to_owned(),
-            None => full,
-        }
-    }
-}
-
-// ---- Hugging Face tokenizer.json --------------------------------------------------------
-
-/// The `decoder` types of a byte-level BPE tokenizer.json (GPT-2's alphabet): Llama 3, Qwen,
-/// SmolLM, Mistral NeMo. SentencePiece-style files (Llama 2, Mistral 7B) are refused by name.
-const HF_BYTE_LEVEL_DECODERS: &[&str] = &["ByteLevel"];
-
-impl ModelTokenizer {
-    /// A tokenizer from a Hugging Face directory: `tokenizer.json` (vocabulary, merges,
-    /// pre-tokenizer, added tokens), with BOS, EOS and `add_bos_token` from
-    /// `tokenizer_config.json` and the stop ids of `generation_config.json`.
-    pub fn from_hf(
-        json: &[u8],
-        cfg: &super::hf::TokenizerConfig,
-        generation: &super::hf::GenerationConfig,
-    ) -> Result<Self> {
-        check_byte_level_decoder(json)?;
-        let mut inner = Tokenizer::from_bytes(json).map_err(|e| anyhow::anyhow!("{e}"))?;
-        // Only the model's own pipeline: no padding or truncation settings from the file.
-        inner.with_padding(None);
-        inner
-            .with_truncation(None)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let vocab_size = inner.get_vocab_size(true);
-        let id_of = |key: &str, text: Option<&super::hf::TokenText>| -> Result<Option<u32>> {
-            let Some(t) = text else { return Ok(None) };
-            inner.token_to_id(t.text()).map(Some).with_context(|| {
-                format!("tokenizer_config.json: {key} {:?} is not a token", t.text())
-            })
-        };
-        let eos_id = id_of("eos_token", cfg.eos_token.as_ref())?
-            .or_else(|| generation.eos_ids().first().copied())
-            .context("tokenizer_config.json has no eos_token")?;
-        let bos_id = id_of("bos_token", cfg.bos_token.as_ref())?;
-        let mut stop_ids = vec![eos_id];
-        stop_ids.extend(generation.eos_ids());
-        stop_ids.extend(
-            END_OF_TURN_MARKERS
-                .iter()
-                .filter_map(|m| inner.token_to_id(m)),
-        );
-        ensure!(
-            stop_ids.iter().all(|&id| (id as usize) < vocab_size),
-            "generation_config.json: eos_token_id names an id outside the vocabulary"
-        );
-        stop_ids.sort_unstable();
-        stop_ids.dedup();
-        let added = inner.get_added_tokens_decoder();
-        let mut special = vec![false; vocab_size];
-        let mut special_texts = Vec::new();
-        for (id, tok) in added.iter().filter(|(_, t)| t.special) {
-            if let Some(s) = special.get_mut(*id as usize) {
-                *s = true;
-            }
-            special_texts.push(tok.content.clone());
-        }
-        // Whether the file's post-processor puts BOS first, unless the config says.
-        let add_bos = cfg.add_bos_token.unwrap_or_else(|| {
-            bos_id.is_some()
-                && inner
-                    .encode_fast("a", true)
-                    .is_ok_and(|e| e.get_ids().first().copied() == bos_id)
-        });
-        let mut plain = inner.clone();
-        plain.set_encode_special_tokens(true);
-        let max_token_bytes = inner
-            .get_vocab(true)
-            .keys()
-            .map(String::len)
-            .max()
-            .unwrap_or(1)
-            .max(1);
-        Ok(Self {
-            max_token_bytes,
-            vocab_size,
-            plain,
-            inner,
-            bos_id,
-            eos_id,
-            stop_ids,
-            add_bos,
-            model_kind: "tokenizer.json".into(),
-            pre_kind: "byte-level".into(),
-            special_count: special_texts.len(),
-            special,
-            special_texts,
-        })
-    }
-}
-
-/// End-of-turn markers of the common chat formats: generation stops at any the vocabulary has.
-const END_OF_TURN_MARKERS: &[&str] = &[
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|end_of_text|>",
-    "<|endoftext|>",
-];
-
-/// Refuse a tokenizer.json whose decoder is not byte-level, naming it: its tokens are not in
-/// GPT-2's byte alphabet, so raw bytes and streaming would be wrong.
-fn check_byte_level_decoder(json: &[u8]) -> Result<()> {
-    #[derive(serde::Deserialize)]
-    struct Head {
-        decoder: Option<serde_json::Value>,
-    }
-    let head: Head = serde_json::from_slice(json).context("tokenizer.json is not JSON")?;
-    let kind = head
-        .decoder
-        .as_ref()
-        .and_then(|d| d.get("type"))
-        .and_then(|t| t.as_str())
-        .unwrap_or("none");
-    ensure!(
-        HF_BYTE_LEVEL_DECODERS.contains(&kind),
-        "tokenizer.json: decoder {kind:?} is not supported; only byte-level BPE tokenizers \
-         (decoder \"ByteLevel\": Llama 3, Qwen, SmolLM) load from a directory"
-    );
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{ModelTokenizer, byte_level_char_to_byte, pre_tokenizer};
+    use candle_core::quantized::gguf_file::Value;
+
+    use super::ModelTokenizer;
     use crate::model::gguf::GgufFile;
-
-    /// The pieces `pre` cuts `text` into, before byte-level mapping and BPE.
-    fn pieces(pre: &str, text: &str) -> Vec<String> {
-        use tokenizers::{PreTokenizedString, PreTokenizer};
-        let mut s = PreTokenizedString::from(text);
-        pre_tokenizer(pre).unwrap().pre_tokenize(&mut s).unwrap();
-        s.get_splits(
-            tokenizers::OffsetReferential::Original,
-            tokenizers::OffsetType::Byte,
-        )
-        .into_iter()
-        .map(|(piece, _, _)| piece.to_owned())
-        .collect()
-    }
-
-    /// llama.cpp's Qwen2 pre-tokenizer takes digits one at a time where Llama 3's takes up to
-    /// three; both keep contractions and spaced words whole.
-    #[test]
-    fn qwen2_splits_digits_singly_and_llama3_in_threes() {
-        let q = pieces("qwen2", "I'll pay 12345 now");
-        let l = pieces("llama3", "I'll pay 12345 now");
-        assert_eq!(q.len(), l.len() + 3, "{q:?} vs {l:?}");
-        assert!(
-            q.iter()
-                .filter(|p| p.len() == 1 && p.chars().all(|c| c.is_ascii_digit()))
-                .count()
-                == 5,
-            "{q:?}"
-        );
-        assert!(
-            pre_tokenizer("qwen3").is_err(),
-            "an unknown pre-tokenizer is refused"
-        );
-    }
 
     /// The demo model's tokenizer metadata with a 673-token vocabulary (the fuzz seed, made by
     /// fuzz/seeds/make_tiny_gguf.py).
@@ -618,32 +421,124 @@ mod tests {
         ModelTokenizer::from_gguf(&GgufFile::open_unverified(&path).unwrap()).unwrap()
     }
 
+    /// A GGUF file holding only `meta`, parsed; the directory keeps it alive.
+    fn gguf_with(
+        meta: &[(&str, candle_core::quantized::gguf_file::Value)],
+    ) -> (tempfile::TempDir, GgufFile) {
+        let refs: Vec<_> = meta.iter().map(|(k, v)| (*k, v)).collect();
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        candle_core::quantized::gguf_file::write(&mut bytes, &refs, &[]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        std::fs::write(&path, bytes.into_inner()).unwrap();
+        let gguf = GgufFile::open_unverified(&path).unwrap();
+        (dir, gguf)
+    }
+
+    fn strings(v: &[&str]) -> Value {
+        Value::Array(v.iter().map(|s| Value::String((*s).into())).collect())
+    }
+
     /// Found by the gguf fuzz target: a merge whose result is longer than every token (here
     /// `a b` with the tokens `a` and `b` only) panicked inside tokenizers' BPE builder, in
     /// `model inspect` and at load, instead of being refused.
     #[test]
     fn bpe_merge_longer_than_every_token_is_an_error_not_a_panic() {
-        use candle_core::quantized::gguf_file::{self, Value};
-        let strings =
-            |v: &[&str]| Value::Array(v.iter().map(|s| Value::String((*s).into())).collect());
-        let meta = [
+        let (_dir, gguf) = gguf_with(&[
             ("tokenizer.ggml.model", Value::String("gpt2".into())),
             ("tokenizer.ggml.tokens", strings(&["a", "b"])),
             ("tokenizer.ggml.merges", strings(&["a b"])),
             ("tokenizer.ggml.eos_token_id", Value::U32(0)),
-        ];
-        let refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
-        let mut bytes = std::io::Cursor::new(Vec::new());
-        gguf_file::write(&mut bytes, &refs, &[]).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.gguf");
-        std::fs::write(&path, bytes.into_inner()).unwrap();
-        let gguf = GgufFile::open_unverified(&path).unwrap();
+        ]);
         let err = ModelTokenizer::from_gguf(&gguf).err().expect("refused");
         assert!(
             format!("{err:#}").contains("tokenizer.ggml.merges"),
             "{err:#}"
         );
+    }
+
+    /// A SentencePiece vocabulary in the shape of Llama 2's: `<unk>`, `<s>`, `</s>`, a few
+    /// pieces, and the 256 byte tokens (from id 10).
+    fn spm_meta() -> Vec<(&'static str, Value)> {
+        let mut tokens = vec!["<unk>", "<s>", "</s>", "▁", "a", "b", "▁a", "ab", "<", "/"];
+        let mut types = vec![2, 3, 3, 1, 1, 1, 1, 1, 1, 1];
+        let bytes: Vec<String> = (0..=255u8).map(|b| format!("<0x{b:02X}>")).collect();
+        tokens.extend(bytes.iter().map(String::as_str));
+        types.extend([6; 256]);
+        let scores: Vec<Value> = (0..tokens.len()).map(|i| Value::F32(-(i as f32))).collect();
+        vec![
+            ("tokenizer.ggml.model", Value::String("llama".into())),
+            ("tokenizer.ggml.tokens", strings(&tokens)),
+            (
+                "tokenizer.ggml.token_type",
+                Value::Array(types.into_iter().map(Value::I32).collect()),
+            ),
+            ("tokenizer.ggml.scores", Value::Array(scores)),
+            ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+        ]
+    }
+
+    fn spm(extra: &[(&'static str, Value)]) -> (tempfile::TempDir, ModelTokenizer) {
+        let mut meta = spm_meta();
+        meta.extend(extra.iter().cloned());
+        let (dir, gguf) = gguf_with(&meta);
+        (dir, ModelTokenizer::from_gguf(&gguf).unwrap())
+    }
+
+    /// llama.cpp puts the space prefix before text at the start and after every special
+    /// token; a message's content is tokenized together with the template text around it.
+    #[test]
+    fn spm_space_prefix_after_each_special_token_and_content_merged_with_its_run() {
+        let (_d, t) = spm(&[]);
+        assert_eq!(t.encode("a</s>ab").unwrap(), [1, 6, 2, 6, 5]);
+        assert_eq!(
+            t.encode_chat("<s>aab", &["ab"]).unwrap(),
+            t.encode("<s>aab").unwrap()
+        );
+        assert_eq!(t.decode(&t.encode("a</s>ab").unwrap()).unwrap(), " a ab");
+        let (_d, no_prefix) = spm(&[("tokenizer.ggml.add_space_prefix", Value::Bool(false))]);
+        assert_eq!(no_prefix.encode("ab").unwrap(), [1, 7]);
+    }
+
+    /// Issue 12's rule on SentencePiece: `</s>` typed in a message is text, `<s>` written by
+    /// the template is BOS.
+    #[test]
+    fn spm_control_text_in_a_message_stays_text() {
+        let (_d, t) = spm(&[]);
+        let rendered = "<s>a</s>b";
+        let ids = t.encode_chat(rendered, &["a</s>b"]).unwrap();
+        assert_eq!(control_ids(&t, &ids), [1], "{ids:?}");
+        assert_eq!(t.decode(&ids).unwrap(), " a</s>b");
+        assert_eq!(control_ids(&t, &t.encode(rendered).unwrap()), [1, 2]);
+        assert_eq!(control_ids(&t, &t.encode_plain(rendered).unwrap()), [1]);
+        assert_eq!(t.token_bytes(10 + 0xE9), [0xE9]);
+        assert_eq!(t.token_text(2), "</s>");
+    }
+
+    /// Hostile metadata is refused with the key's name, never a panic.
+    #[test]
+    fn spm_metadata_errors_name_their_key() {
+        let Value::Array(mut repeated) = spm_meta()[1].1.clone() else {
+            unreachable!()
+        };
+        repeated[5] = repeated[4].clone(); // "b" is "a" again
+        for (key, bad) in [
+            ("tokenizer.ggml.scores", Value::Array(vec![Value::F32(0.0)])),
+            (
+                "tokenizer.ggml.token_type",
+                Value::Array(vec![Value::I32(9); 266]),
+            ),
+            ("tokenizer.ggml.eos_token_id", Value::U32(266)),
+            ("tokenizer.ggml.tokens", Value::Array(repeated)),
+        ] {
+            let mut meta = spm_meta();
+            meta.retain(|(k, _)| *k != key);
+            meta.push((key, bad));
+            let (_d, g) = gguf_with(&meta);
+            let err = ModelTokenizer::from_gguf(&g).err().expect("refused");
+            assert!(format!("{err:#}").contains(key), "{key}: {err:#}");
+        }
     }
 
     fn control_ids(t: &ModelTokenizer, ids: &[u32]) -> Vec<u32> {
@@ -689,15 +584,5 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn byte_level_alphabet_inverts() {
-        assert_eq!(byte_level_char_to_byte('A'), Some(b'A'));
-        assert_eq!(byte_level_char_to_byte('\u{120}'), Some(b' ')); // 'Ġ'
-        assert_eq!(byte_level_char_to_byte('\u{10a}'), Some(b'\n')); // 'Ċ'
-        assert_eq!(byte_level_char_to_byte('\u{100}'), Some(0));
-        assert_eq!(byte_level_char_to_byte('é'), Some(0xe9));
-        assert_eq!(byte_level_char_to_byte('\u{4e00}'), None);
     }
 }

@@ -34,6 +34,7 @@ use crate::config::Config;
 use crate::infer::scheduler::{self, SchedulerConfig, StepRunner};
 use crate::keys::KeyStore;
 use crate::metrics::Metrics;
+use crate::model::pin::OpenedModel;
 
 pub fn run(config_path: &Path) -> Result<()> {
     let cfg = Config::load(config_path)?;
@@ -50,7 +51,7 @@ pub fn run(config_path: &Path) -> Result<()> {
     // seccomp will deny (docs/landlock.md, GPU).
     // INVARIANT: the model file is opened before the user switch and Landlock: it is then
     // hashed and parsed through this descriptor, whatever the modes of its parent directories.
-    let model_file = open_model_file(&cfg)?;
+    let model_file = open_model(&cfg)?;
     let device = open_device(&cfg)?;
     let model = if device.is_cuda() {
         ModelSource::Loaded(Box::new(load_and_warm_up(&cfg, model_file, &device)?))
@@ -180,10 +181,11 @@ pub fn open_device(cfg: &Config) -> Result<candle_core::Device> {
     })
 }
 
-/// Open the configured model file (a regular file) with the privileges the server started with.
-pub fn open_model_file(cfg: &Config) -> Result<crate::model::gguf::ModelFile> {
+/// Open the configured model (a GGUF file, or every pinned file of a directory) with the
+/// privileges the server started with.
+pub fn open_model(cfg: &Config) -> Result<OpenedModel> {
     let path = cfg.resolve(&cfg.model.path);
-    crate::model::gguf::ModelFile::open(&path).with_context(|| {
+    OpenedModel::open(&path, &cfg.model.pin()).with_context(|| {
         format!(
             "model.path {}: the server opens it before it switches to sandbox.user {:?}",
             path.display(),
@@ -195,19 +197,15 @@ pub fn open_model_file(cfg: &Config) -> Result<crate::model::gguf::ModelFile> {
 /// The model as `start` receives it: a file still to be parsed (on the CPU, confined), or one
 /// already loaded and warmed up (on a GPU, before confinement).
 pub enum ModelSource {
-    Opened(crate::model::gguf::ModelFile),
+    Opened(OpenedModel),
     Loaded(Box<Model>),
 }
 
-fn load_model(
-    cfg: &Config,
-    file: crate::model::gguf::ModelFile,
-    device: &candle_core::Device,
-) -> Result<Model> {
+fn load_model(cfg: &Config, file: OpenedModel, device: &candle_core::Device) -> Result<Model> {
     let loaded = Instant::now();
     let (info, model) = crate::infer::load::load(
         file,
-        &cfg.model.sha256,
+        &cfg.model.pin(),
         &cfg.model.name,
         cfg.model.context_length,
         cfg.model.weights_on(device),
@@ -238,7 +236,7 @@ pub type Model = (
 /// is loaded now.
 fn load_and_warm_up(
     cfg: &Config,
-    file: crate::model::gguf::ModelFile,
+    file: OpenedModel,
     device: &candle_core::Device,
 ) -> Result<Model> {
     let (info, model) = load_model(cfg, file, device)?;
@@ -261,7 +259,7 @@ pub fn build_state(
     keys: KeyStore,
 ) -> Result<(Arc<AppState>, std::thread::JoinHandle<()>)> {
     let device = open_device(cfg)?;
-    let model = ModelSource::Opened(open_model_file(cfg)?);
+    let model = ModelSource::Opened(open_model(cfg)?);
     let client = head_client_config(cfg)?;
     start(
         cfg,
@@ -367,7 +365,7 @@ fn start_pipeline(
     for (i, stage) in cluster.stages.iter().enumerate() {
         let hello = crate::cluster::hello_for(
             &local.cfg,
-            &cfg.model.sha256,
+            &cfg.model.pin().identity(),
             stage.layers[0]..stage.layers[1],
             i + 1 == cluster.stages.len(),
             max_rows,

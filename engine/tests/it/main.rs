@@ -6,6 +6,7 @@
 mod cluster;
 mod families;
 mod generation;
+mod hf;
 mod reference;
 mod router;
 mod util;
