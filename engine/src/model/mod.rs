@@ -118,21 +118,7 @@ pub fn inspect(path: &Path) -> Result<String> {
         writeln!(w, "name: {n}")?;
     }
     match LlamaConfig::from_gguf(&gguf) {
-        Ok(c) => writeln!(
-            w,
-            "layers: {}\nhidden: {}\nffn: {}\nheads: {} (kv {})\nhead_dim: {}\ncontext_length: {}\n\
-             rope_theta: {}\nrms_eps: {}\nvocab: {}",
-            c.n_layer,
-            c.hidden,
-            c.ffn,
-            c.n_head,
-            c.n_kv_head,
-            c.head_dim,
-            c.context_length,
-            c.rope_theta,
-            c.rms_eps,
-            c.vocab
-        )?,
+        Ok(c) => w.push_str(&hyperparameters(&c)),
         Err(e) => writeln!(w, "unsupported: {e:#}")?,
     }
     let mut by_type = std::collections::BTreeMap::<String, usize>::new();
@@ -179,22 +165,8 @@ fn inspect_directory(dir: &Path) -> Result<String> {
     let w = &mut out;
     writeln!(w, "directory: {}", dir.display())?;
     let c = parsed.config()?;
-    writeln!(
-        w,
-        "architecture: {:?}\nlayers: {}\nhidden: {}\nffn: {}\nheads: {} (kv {})\nhead_dim: {}\n\
-         context_length: {}\nrope_theta: {}\nrms_eps: {}\nvocab: {}",
-        c.arch,
-        c.n_layer,
-        c.hidden,
-        c.ffn,
-        c.n_head,
-        c.n_kv_head,
-        c.head_dim,
-        c.context_length,
-        c.rope_theta,
-        c.rms_eps,
-        c.vocab
-    )?;
+    writeln!(w, "architecture: {:?}", c.arch)?;
+    w.push_str(&hyperparameters(&c));
     if let ParsedModel::Hf(h) = &parsed {
         writeln!(w, "weights: {}", h.summary())?;
     }
@@ -214,4 +186,22 @@ fn inspect_directory(dir: &Path) -> Result<String> {
         }
     )?;
     Ok(out)
+}
+
+/// The hyper-parameters `model inspect` prints, one per line.
+fn hyperparameters(c: &LlamaConfig) -> String {
+    format!(
+        "layers: {}\nhidden: {}\nffn: {}\nheads: {} (kv {})\nhead_dim: {}\ncontext_length: {}\n\
+         rope_theta: {}\nrms_eps: {}\nvocab: {}\n",
+        c.n_layer,
+        c.hidden,
+        c.ffn,
+        c.n_head,
+        c.n_kv_head,
+        c.head_dim,
+        c.context_length,
+        c.rope_theta,
+        c.rms_eps,
+        c.vocab
+    )
 }
