@@ -157,15 +157,32 @@ in
         '';
         example = lib.literalExpression "bulwark.packages.x86_64-linux.demo-model";
         description = ''
-          The GGUF model (Llama architecture). Read-only to the server, which is allowed to
-          open nothing else once confined.
+          The model: a GGUF file (pinned by {option}`services.bulwark.model.sha256`), or a
+          Hugging Face directory of safetensors weights (pinned file by file by
+          {option}`services.bulwark.model.files`). Read-only to the server, which opens it
+          before it confines itself and can open nothing else afterwards.
         '';
       };
 
       sha256 = mkOption {
-        type = types.strMatching "[0-9a-f]{64}";
+        type = types.nullOr (types.strMatching "[0-9a-f]{64}");
+        default = null;
         example = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
-        description = "SHA-256 of the model file, lower-case hex (`bulwark model hash FILE`).";
+        description = "SHA-256 of a GGUF model file, lower-case hex (`bulwark model hash FILE`).";
+      };
+
+      files = mkOption {
+        type = types.nullOr (types.attrsOf (types.strMatching "[0-9a-f]{64}"));
+        default = null;
+        example = {
+          "config.json" = "f94a023f70939af845285ec59d5d3d09be4d7ca1aeb12655322ef6dea86ce1a9";
+          "model.safetensors" = "acffb0c7d5f084d3d0fb65be479b2f35e5e432cd993f7b3843e3a18cdc47bf1a";
+        };
+        description = ''
+          For a Hugging Face directory: the SHA-256 of every file the server reads, by file
+          name (`bulwark model hash DIR` prints the table). Each is checked before any is
+          parsed; a file the server needs that is not listed is refused by name.
+        '';
       };
 
       name = mkOption {
@@ -343,6 +360,14 @@ in
           message = "services.bulwark.settings.cluster.role = \"${toString role}\" needs services.bulwark.cluster.caFile, certificateFile and keyFile.";
         }
         {
+          assertion = (cfg.model.sha256 == null) != (cfg.model.files == null);
+          message = "services.bulwark.model: set exactly one of sha256 (a GGUF file) and files (a Hugging Face directory).";
+        }
+        {
+          assertion = cfg.model.url == null || cfg.model.sha256 != null;
+          message = "services.bulwark.model.url fetches one GGUF file pinned by services.bulwark.model.sha256.";
+        }
+        {
           assertion = !isWorker || cfg.settings.cluster.listen != null;
           message = "services.bulwark.settings.cluster.listen is required on a worker.";
         }
@@ -361,8 +386,9 @@ in
         # Interpolated, so that a local file is copied into the store and the model is part of
         # the system's closure (it is public; only secrets must stay out).
         path = "${cfg.model.file}";
-        inherit (cfg.model) sha256 name;
-      };
+        inherit (cfg.model) name;
+      }
+      // (if cfg.model.files != null then { inherit (cfg.model) files; } else { inherit (cfg.model) sha256; });
       # Used only when the server is started as root (it is not, here); kept equal to the
       # service's user so the configuration means the same thing when run by hand.
       sandbox = {

@@ -62,7 +62,7 @@ else
   LIB=(--arg lib "import $(realpath "$NIXPKGS_LIB")")
   eval_module() { "${NIX[@]}" --eval --strict --json nix/tests/eval-module.nix "${LIB[@]}" --argstr kind "$1" --argstr case "$2"; }
 
-  for c in single head worker; do
+  for c in single head worker directory; do
     check "module: services.bulwark evaluates ($c)" eval_module good "$c"
     eval_module good "$c" >"$WORK/$c.json" 2>/dev/null
   done
@@ -112,14 +112,14 @@ PY
 
   # The configuration the module renders, as the server and the firewall command see it. This
   # host has no `bulwark` user or group, so the egress rule names the ids 990 instead.
-  for c in single head worker; do
+  for c in single head worker directory; do
     python3 nix/tests/render.py toml "$WORK/$c.json" "$WORK/$c.toml" firewall.engine_user=990 sandbox.group=990
   done
   if [ ! -x "$BIN" ]; then
     skip "module: rendered configuration passes bulwark check-config" "no $BIN"
     skip "module: the firewall it applies passes nft -c" "no $BIN"
   else
-    for c in single head worker; do
+    for c in single head worker directory; do
       if out=$("$BIN" check-config --config "$WORK/$c.toml" 2>&1); then
         pass "module: rendered configuration passes bulwark check-config ($c)"
       elif [ "$c" != single ] && grep -q 'unknown field `cluster`' <<<"$out"; then

@@ -32,6 +32,22 @@ in
   good = {
     # The CPU node whose unit is scored by systemd-analyze.
     single = bulwark single;
+    # A Hugging Face directory, pinned file by file (the table of the repository's fixture).
+    directory = bulwark (
+      single
+      // {
+        model = {
+          file = "/nix/store/00000000000000000000000000000000-smollm2-hf";
+          inherit (demo) name;
+          files = {
+            "config.json" = "f94a023f70939af845285ec59d5d3d09be4d7ca1aeb12655322ef6dea86ce1a9";
+            "model.safetensors" = "acffb0c7d5f084d3d0fb65be479b2f35e5e432cd993f7b3843e3a18cdc47bf1a";
+            "tokenizer.json" = "7d27c493c729a66ecefc837280b05d948b1ed50d130eebdbf911b1b36cf38ed7";
+            "tokenizer_config.json" = "cf3a433c9e98279168e575d9910a9c214ea25993534d99796a4f07f0a47a3bd3";
+          };
+        };
+      }
+    );
     head = bulwark (
       single
       // {
@@ -118,6 +134,23 @@ in
     no-api-keys = {
       expect = "services.bulwark.apiKeysFile is required";
       module = bulwark (builtins.removeAttrs single [ "apiKeysFile" ]);
+    };
+    both-model-pins = {
+      expect = "set exactly one of sha256 (a GGUF file) and files";
+      module = bulwark (single // { model = model // { files."config.json" = demo.sha256; }; });
+    };
+    no-model-pin = {
+      expect = "set exactly one of sha256 (a GGUF file) and files";
+      module = bulwark (single // { model = builtins.removeAttrs model [ "sha256" ]; });
+    };
+    bad-file-hash = {
+      expect = "services.bulwark.model.files";
+      module = bulwark (
+        single
+        // {
+          model = builtins.removeAttrs model [ "sha256" ] // { files."config.json" = "F94A"; };
+        }
+      );
     };
     bad-model-hash = {
       expect = "services.bulwark.model.sha256";

@@ -56,6 +56,12 @@ def toml_value(v):
     raise TypeError(f"no inline TOML for {v!r}")
 
 
+def toml_key(k):
+    """A bare key when TOML allows one, else quoted (`"config.json"` is one key, not two)."""
+    bare = k and all(c.isascii() and (c.isalnum() or c in "_-") for c in k)
+    return k if bare else json.dumps(k)
+
+
 def toml(doc, prefix=()):
     """A small TOML writer for what settings can hold: tables, arrays of tables, scalars, lists."""
     out, tables = [], []
@@ -65,9 +71,9 @@ def toml(doc, prefix=()):
         elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
             tables.append((k, v))
         else:
-            out.append(f"{k} = {toml_value(v)}")
+            out.append(f"{toml_key(k)} = {toml_value(v)}")
     for k, v in tables:
-        path = ".".join(prefix + (k,))
+        path = ".".join(toml_key(p) for p in prefix + (k,))
         if isinstance(v, dict):
             out += ["", f"[{path}]", toml(v, prefix + (k,))]
         else:
