@@ -10,3 +10,4 @@ mod hf;
 mod reference;
 mod router;
 mod util;
+mod vocab;

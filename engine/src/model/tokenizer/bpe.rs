@@ -62,6 +62,7 @@ impl ByteLevelBpe {
         }
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
+            .ignore_merges(looks_up_words_first(pre_kind))
             .build()
             .map_err(|e| anyhow::anyhow!("building BPE model: {e}"))?;
         let mut tokenizer = Tokenizer::new(bpe);
@@ -125,6 +126,13 @@ impl ByteLevelBpe {
 /// Whether llama.cpp adds BOS for this pre-tokenizer when `tokenizer.ggml.add_bos_token` is
 /// absent: Llama 3's files rely on it.
 pub(super) fn adds_bos_by_default(pre_kind: &str) -> bool {
+    matches!(pre_kind, "llama-bpe" | "llama3" | "llama-v3")
+}
+
+/// Whether a pre-tokenized word that is itself a token becomes that token before any merge
+/// (llama.cpp's `ignore_merges`, tokenizers' `ignore_merges`): Llama 3's tokenizer does, and
+/// its merges alone would spell some words differently.
+fn looks_up_words_first(pre_kind: &str) -> bool {
     matches!(pre_kind, "llama-bpe" | "llama3" | "llama-v3")
 }
 
