@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 ./scripts/nix-check.sh
 ./scripts/fetch-model.sh >/dev/null
+BULWARK_VOCABS=$(tests/models/fetch-vocabs.sh); export BULWARK_VOCABS
 # The tiny per-architecture models the llama.cpp comparison runs on (tests/models/).
 BULWARK_FIXTURES=$(.venv/bin/python tests/models/make_fixtures.py)
 export BULWARK_FIXTURES
