@@ -38,6 +38,7 @@ fuzz_target_args() {
         openai_api) echo "-max_len=8192 -dict=$dicts/json.dict" ;;
         config) echo "-max_len=4096 -dict=$dicts/toml.dict" ;;
         audit_response) echo "-max_len=8192 -dict=$dicts/http.dict" ;;
+        hf_directory) echo "-max_len=16384 -dict=$dicts/json.dict" ;;
     esac
 }
 
@@ -49,6 +50,7 @@ fuzz_corpus_max_len() {
     case $1 in
         config | audit_response) echo 1024 ;;
         gguf) echo 65536 ;;
+        hf_directory) echo 16384 ;;
         *) echo 8192 ;;
     esac
 }

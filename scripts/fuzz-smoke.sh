@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 SECS=${1:-20}
-TARGETS=(cluster_frame gguf tokenizer chat_template openai_api config audit_response)
+TARGETS=(cluster_frame gguf tokenizer chat_template openai_api config audit_response hf_directory)
 
 # shellcheck source=scripts/fuzz-env.sh
 . "$ROOT/scripts/fuzz-env.sh"

@@ -19,7 +19,7 @@ SECS=${1:-900}
 shift || true
 RUNS=${FUZZ_RUNS:-10000000}
 SAN=${FUZZ_SANITIZER:-none}
-ALL_TARGETS=(cluster_frame gguf tokenizer chat_template openai_api config audit_response)
+ALL_TARGETS=(cluster_frame gguf tokenizer chat_template openai_api config audit_response hf_directory)
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=("${ALL_TARGETS[@]}")
 

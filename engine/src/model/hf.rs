@@ -469,6 +469,18 @@ impl HfModel {
     /// Each tensor the model needs is present with its shape, and no other tensor is: one the
     /// engine would ignore means a feature it would not compute.
     fn check_tensors(&self) -> Result<()> {
+        // Counted first, so that a config.json declaring millions of layers is refused
+        // without listing their tensors.
+        let c = &self.config;
+        let per_layer = 9
+            + if c.arch.has_qkv_bias() { 3 } else { 0 }
+            + if c.arch.has_qk_norm() { 2 } else { 0 };
+        let needed = c.n_layer.saturating_mul(per_layer) + 2 + usize::from(!self.tied);
+        ensure!(
+            needed <= self.location.len(),
+            "config.json implies {needed} tensors, but the weights hold {}",
+            self.location.len()
+        );
         let want = self.expected();
         for (name, shape) in &want {
             let i = *self
@@ -699,6 +711,41 @@ mod tests {
         }
         let err = serde_json::from_str::<HfConfig>(r#"{"architectures":["GPT2LMHeadModel"]}"#);
         assert!(err.is_err());
+    }
+
+    /// A directory of files with these contents, opened as pinned files.
+    fn directory(files: &[(&str, &[u8])]) -> (tempfile::TempDir, BTreeMap<String, ModelFile>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opened = BTreeMap::new();
+        for (name, bytes) in files {
+            std::fs::write(dir.path().join(name), bytes).unwrap();
+            opened.insert(
+                (*name).to_owned(),
+                ModelFile::open(&dir.path().join(name)).unwrap(),
+            );
+        }
+        (dir, opened)
+    }
+
+    #[test]
+    fn millions_of_declared_layers_are_refused_by_count_at_once() {
+        let config = br#"{"architectures":["LlamaForCausalLM"],"hidden_size":8,
+            "intermediate_size":8,"num_hidden_layers":16777216,"num_attention_heads":2,
+            "rms_norm_eps":1e-5,"max_position_embeddings":64,"vocab_size":16}"#;
+        let header = br#"{"model.norm.weight":{"dtype":"F32","shape":[8],"data_offsets":[0,32]}}"#;
+        let mut weights = (header.len() as u64).to_le_bytes().to_vec();
+        weights.extend_from_slice(header);
+        weights.extend_from_slice(&[0u8; 32]);
+        let (_dir, files) = directory(&[
+            (CONFIG_FILE, config),
+            (TOKENIZER_FILE, b"{}"),
+            (TOKENIZER_CONFIG_FILE, b"{}"),
+            (WEIGHTS_FILE, &weights),
+        ]);
+        let started = std::time::Instant::now();
+        let err = format!("{:#}", HfModel::parse(files).err().expect("refused"));
+        assert!(err.contains("config.json implies"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[test]
