@@ -2,8 +2,10 @@
 """Write tiny random-weight GGUF models, one per architecture Bulwark loads, deterministically.
 
 Each fixture has the demo model's tokenizer and chat template (SmolLM2: byte-level BPE, pre
-"smollm", 49152 tokens) and a two-block transformer of width 64 (4 query heads, 2 key/value
-heads of 16, feed-forward 128). Matrices are Q8_0, norms, biases and rope factors F32, as in
+"smollm", 49152 tokens), except llama-spm.gguf, which has Llama 2's SentencePiece vocabulary
+(32000 tokens, from llama.cpp's ggml-vocab-llama-spm.gguf) and a Mistral [INST] template;
+all have a two-block transformer of width 64 (4 query heads, 2 key/value heads of 16,
+feed-forward 128). Matrices are Q8_0, norms, biases and rope factors F32, as in
 the GGUF files llama.cpp's converter writes, so that one llama.cpp run per fixture
 (make_reference.py) gives a reference for each architecture's loader and forward pass.
 
@@ -11,6 +13,7 @@ the GGUF files llama.cpp's converter writes, so that one llama.cpp run per fixtu
   llama3-rope.gguf  llama with Llama 3.1 rope_freqs, freq_base 500000, untied output.weight
   qwen2.gguf        qwen2: Q/K/V biases, tied output
   qwen3.gguf        qwen3: per-head Q/K RMS norms, no biases, tied output
+  llama-spm.gguf    llama as llama.gguf, with a SentencePiece tokenizer
 
 The same bytes come out on every run and every machine: weights are drawn from PCG64's raw
 stream (numpy keeps bit generators' streams stable across versions; its distributions it does
@@ -18,9 +21,11 @@ not) and made roughly normal with exact arithmetic; Q8_0 quantization is gguf-py
 ggml's, which is exact float arithmetic too. The Rust test pins each fixture by the sha256 the
 reference recorded, so a fixture that came out different is refused and the test fails.
 
-Usage: make_fixtures.py [OUT_DIR] [--demo DEMO.gguf]
+Usage: make_fixtures.py [OUT_DIR] [--demo DEMO.gguf] [--vocabs VOCABS_DIR]
 OUT_DIR defaults to $BULWARK_FIXTURES or ~/.cache/bulwark/fixtures; DEMO.gguf to the file
-scripts/fetch-model.sh fetches (it only reads it). Prints OUT_DIR.
+scripts/fetch-model.sh fetches (it only reads it); VOCABS_DIR, which holds
+ggml-vocab-llama-spm.gguf and the template, to $BULWARK_VOCABS or where
+tests/models/fetch-vocabs.sh puts them. Prints OUT_DIR.
 """
 import argparse
 import json
@@ -61,6 +66,13 @@ LLAMA3_FACTOR = 8.0
 LLAMA3_LOW_FREQ_FACTOR = 1.0
 LLAMA3_HIGH_FREQ_FACTOR = 4.0
 LLAMA3_ORIGINAL_CONTEXT = 8192
+
+# llama-spm.gguf's tokenizer and chat template, from llama.cpp's test vocabularies
+# (tests/models/fetch-vocabs.sh): Llama 2's vocabulary, and Mistral's [INST] format (the
+# llama.cpp sdist has no Llama 2 template; Mistral 7B uses the same vocabulary shape).
+SPM_VOCAB = "ggml-vocab-llama-spm.gguf"
+SPM_TEMPLATE = "templates/mistralai-Mistral-Nemo-Instruct-2407.jinja"
+LLAMA_CPP_SDIST = "llama_cpp_python-0.3.36"
 
 
 class Weights:
@@ -128,6 +140,25 @@ def tokenizer_fields(demo):
         else:
             fields.append((key, field.contents(), vtype, None))
     vocab = next(len(v) for k, v, _, _ in fields if k == "tokenizer.ggml.tokens")
+    return fields, vocab
+
+
+def default_vocabs():
+    """Where fetch-vocabs.sh leaves the vocabularies: $BULWARK_VOCABS, else its two places."""
+    if os.environ.get("BULWARK_VOCABS"):
+        return pathlib.Path(os.environ["BULWARK_VOCABS"])
+    cache = pathlib.Path(os.environ.get("LLAMA_CPP_CACHE")
+                         or pathlib.Path.home() / ".cache/bulwark/llama.cpp")
+    full = cache / LLAMA_CPP_SDIST / "vendor/llama.cpp/models"
+    return full if (full / SPM_VOCAB).is_file() else cache / "vocabs-0.3.36"
+
+
+def spm_tokenizer_fields(vocabs):
+    """Llama 2's tokenizer keys with the Mistral template as tokenizer.chat_template."""
+    fields, vocab = tokenizer_fields(vocabs / SPM_VOCAB)
+    fields = [f for f in fields if f[0] != "tokenizer.chat_template"]
+    template = (vocabs / SPM_TEMPLATE).read_bytes()
+    fields.append(("tokenizer.chat_template", template, GGUFValueType.STRING, None))
     return fields, vocab
 
 
@@ -205,9 +236,14 @@ def main():
     ap.add_argument("out", nargs="?", default=default_out, type=pathlib.Path)
     ap.add_argument("--demo", default=default_demo, type=pathlib.Path,
                     help="demo GGUF whose tokenizer is copied (scripts/fetch-model.sh)")
+    ap.add_argument("--vocabs", default=default_vocabs(), type=pathlib.Path,
+                    help=f"directory of {SPM_VOCAB} and {SPM_TEMPLATE} "
+                         "(tests/models/fetch-vocabs.sh)")
     args = ap.parse_args()
     if not args.demo.is_file():
         sys.exit(f"{args.demo}: not found; run scripts/fetch-model.sh first")
+    if not (args.vocabs / SPM_VOCAB).is_file():
+        sys.exit(f"{args.vocabs / SPM_VOCAB}: not found; run tests/models/fetch-vocabs.sh first")
 
     tokenizer, vocab = tokenizer_fields(args.demo)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -221,6 +257,10 @@ def main():
                   freq_base=1000000.0, qkv_bias=True, **common)
     write_fixture(args.out / "qwen3.gguf", "qwen3", "bulwark-fixture-qwen3", 4,
                   freq_base=1000000.0, qk_norm=True, head_dim_keys=True, **common)
+    spm_tokenizer, spm_vocab = spm_tokenizer_fields(args.vocabs)
+    write_fixture(args.out / "llama-spm.gguf", "llama", "bulwark-fixture-llama-spm", 5,
+                  freq_base=10000.0, vocab_size_key=True, tokenizer=spm_tokenizer,
+                  vocab=spm_vocab)
     print(args.out)
 
 

@@ -2,7 +2,9 @@
 //! (tests/models/make_fixtures.py, generated in CI, bit-for-bit reproducible) and what
 //! llama.cpp's llama-server computes on them (tests/models/make_reference.py, committed as
 //! engine/tests/data/families-reference.json). Both of Bulwark's paths are checked: the packed
-//! CPU path (quantized weights, the default) and the tensor path (f32).
+//! CPU path (quantized weights, the default) and the tensor path (f32). Each fixture's
+//! tokenizer must give llama.cpp's prompt ids: llama-spm.gguf's is SentencePiece (Llama 2's
+//! vocabulary), the others SmolLM2's byte-level BPE.
 
 use std::path::PathBuf;
 
@@ -10,7 +12,9 @@ use candle_core::Device;
 use serde::Deserialize;
 
 use bulwark::infer::models::llama::{BatchItem, LlamaModel, log_softmax};
+use bulwark::model::ModelInfo;
 use bulwark::model::arch::WeightFormat;
+use bulwark::model::template::ChatMessage;
 
 use crate::util;
 
@@ -41,6 +45,7 @@ struct Fixture {
 
 #[derive(Deserialize)]
 struct Case {
+    text: String,
     prompt_ids: Vec<u32>,
     first_top5: Vec<(u32, f32)>,
     steps: Vec<util::GreedyStep>,
@@ -60,12 +65,12 @@ fn fixtures_dir() -> PathBuf {
     dir
 }
 
-fn load(f: &Fixture, weights: WeightFormat) -> LlamaModel {
+fn load(f: &Fixture, weights: WeightFormat) -> (ModelInfo, LlamaModel) {
     let path = fixtures_dir().join(&f.file);
     // The pinned hash is the reference's: a fixture that is not the one llama.cpp saw is
     // refused here, before parsing, like any model file.
     let pin = bulwark::model::pin::Pin::File(bulwark::digest::Sha256::parse(&f.sha256).unwrap());
-    let (_, model) = bulwark::infer::load::load(
+    bulwark::infer::load::load(
         bulwark::model::pin::OpenedModel::open(&path, &pin).unwrap(),
         &pin,
         &f.file,
@@ -74,8 +79,37 @@ fn load(f: &Fixture, weights: WeightFormat) -> LlamaModel {
         &Device::Cpu,
         None,
     )
-    .unwrap_or_else(|e| panic!("{}: {e:#}", f.file));
-    model
+    .unwrap_or_else(|e| panic!("{}: {e:#}", f.file))
+}
+
+/// The fixture's tokenizer gives llama.cpp's ids for every prompt (special tokens parsed, BOS
+/// as the model asks). The first prompt is the chat format's end of a prompt: the chat
+/// template's rendering of the same message (after a default system prompt, for SmolLM2's)
+/// ends in its ids, a message's content being kept as text changing nothing.
+fn check_tokenizer(info: &ModelInfo, f: &Fixture) {
+    let tok = &info.tokenizer;
+    for case in &f.cases {
+        assert_eq!(
+            tok.encode(&case.text).unwrap(),
+            case.prompt_ids,
+            "{}: {:?}",
+            f.file,
+            case.text
+        );
+    }
+    let template = info.template.as_ref().expect("a chat template");
+    let msgs = [ChatMessage {
+        role: "user".into(),
+        content: "Hello there".into(),
+    }];
+    let rendered = template.render(&msgs, true).unwrap();
+    let ids = tok.encode_chat(&rendered, &["Hello there"]).unwrap();
+    assert_eq!(ids, tok.encode(&rendered).unwrap(), "{}", f.file);
+    assert!(
+        ids.ends_with(&f.cases[0].prompt_ids),
+        "{}: {rendered:?} gives {ids:?}",
+        f.file
+    );
 }
 
 /// The worst first-step log-probability difference from llama.cpp, and the greedy tokens
@@ -115,9 +149,12 @@ fn every_architecture_matches_llama_cpp_on_both_paths() {
     for want in ["llama", "qwen2", "qwen3"] {
         assert!(archs.contains(&want), "no {want} fixture in the reference");
     }
+    let mut sentencepiece = false;
     for f in &r.fixtures {
         for weights in [WeightFormat::Quantized, WeightFormat::F32] {
-            let model = load(f, weights);
+            let (info, model) = load(f, weights);
+            check_tokenizer(&info, f);
+            sentencepiece |= info.tokenizer.model_kind == "llama";
             assert_eq!(
                 model.is_packed(),
                 weights == WeightFormat::Quantized,
@@ -131,6 +168,7 @@ fn every_architecture_matches_llama_cpp_on_both_paths() {
             );
         }
     }
+    assert!(sentencepiece, "no SentencePiece fixture in the reference");
 }
 
 #[derive(Deserialize)]
@@ -161,9 +199,11 @@ fn f32_path_matches_the_exact_computation_on_every_architecture() {
     const F32_TOLERANCE: f32 = 1e-3;
     let path = util::repo_root().join("engine/tests/data/families-f64.json");
     let exact: Exact = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let recorded = util::repo_root().join("engine/tests/data/families-reference.json");
+    let r: Reference = serde_json::from_str(&std::fs::read_to_string(recorded).unwrap()).unwrap();
     assert_eq!(
         exact.fixtures.len(),
-        4,
+        r.fixtures.len(),
         "every fixture has an exact reference"
     );
     for f in &exact.fixtures {
@@ -174,7 +214,7 @@ fn f32_path_matches_the_exact_computation_on_every_architecture() {
             cases: Vec::new(),
         };
         for weights in [WeightFormat::F32, WeightFormat::Quantized] {
-            let model = load(&fixture, weights);
+            let (_, model) = load(&fixture, weights);
             let mut worst = 0f32;
             for case in &f.cases {
                 let mut cache = model.new_cache();
