@@ -17,11 +17,17 @@ both must give the same tokens. Llama's Q and K rows are put back in Hugging Fac
 `--round F16|BF16` rounds every weight to that type first (and `--dtype F32` then stores the
 rounded values exactly): a bf16 or f16 directory must read as the f32 directory of its values.
 
+A GGUF with Llama 3's rope_freqs.weight needs `--llama3-rope FACTOR,LOW,HIGH,ORIGINAL_CONTEXT`:
+config.json gets that rope_scaling, checked to give the GGUF's factors, and the loader must
+compute them back.
+
 Usage: make_hf_fixture.py SRC.gguf OUT_DIR [--shards N] [--dtype F32|F16|BF16] [--round F16|BF16]
+       [--llama3-rope FACTOR,LOW,HIGH,ORIGINAL_CONTEXT]
 Prints OUT_DIR. Needs numpy, gguf, safetensors and tokenizers (tests/python/requirements.txt).
 """
 import argparse
 import json
+import math
 import pathlib
 import shutil
 
@@ -197,6 +203,26 @@ def config_json(reader, arch, tied):
     return cfg
 
 
+def llama3_rope_scaling(spec, config, stored):
+    """config.json's rope_scaling for Llama 3.1+, checked to give the GGUF's rope_freqs.weight
+    by the converter's formula (conversion/llama.py)."""
+    factor, low, high, original = (float(x) for x in spec.split(","))
+    dim = config["head_dim"]
+    factors = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi * config["rope_theta"] ** (i / dim)
+        if wavelen < original / high:
+            factors.append(1.0)
+        elif wavelen > original / low:
+            factors.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    assert np.array_equal(np.float32(factors), stored.astype(np.float32)), "not the GGUF's factors"
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+            "original_max_position_embeddings": int(original)}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("src", type=pathlib.Path)
@@ -204,11 +230,14 @@ def main():
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--dtype", choices=["F32", "F16", "BF16"], default="F32")
     p.add_argument("--round", choices=["F16", "BF16"])
+    p.add_argument("--llama3-rope", metavar="FACTOR,LOW,HIGH,ORIGINAL_CONTEXT",
+                   help="the rope_scaling that gave the GGUF's rope_freqs.weight (checked)")
     args = p.parse_args()
     reader = GGUFReader(args.src)
     arch = field(reader, "general.architecture")
     assert arch in ARCHITECTURES, f"architecture {arch!r}"
-    assert not any(t.name == "rope_freqs.weight" for t in reader.tensors), "rope_freqs: not written"
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    assert (rope_freqs is None) == (args.llama3_rope is None), "rope_freqs.weight needs --llama3-rope"
     if args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
@@ -218,7 +247,10 @@ def main():
     tok, tokens = tokenizer_json(reader)
     tok.save(str(args.out / "tokenizer.json"))
     bos, eos = field(reader, "tokenizer.ggml.bos_token_id"), field(reader, "tokenizer.ggml.eos_token_id")
-    (args.out / "config.json").write_text(json.dumps(config_json(reader, arch, tied), indent=2))
+    config = config_json(reader, arch, tied)
+    if rope_freqs is not None:
+        config["rope_scaling"] = llama3_rope_scaling(args.llama3_rope, config, np.asarray(rope_freqs.data))
+    (args.out / "config.json").write_text(json.dumps(config, indent=2))
     (args.out / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": tokens[bos],
         "eos_token": tokens[eos],

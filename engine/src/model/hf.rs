@@ -230,9 +230,11 @@ fn rope_factors(
     let dim = cfg.head_dim;
     let factors = (0..dim / 2)
         .map(|i| {
-            // The converter computes the frequencies in float32 (torch), the rest in Python floats.
-            let freq = 1.0 / cfg.rope_theta.powf((2 * i) as f32 / dim as f32);
-            let wavelen = 2.0 * std::f64::consts::PI / f64::from(freq);
+            // In f64 throughout (the converter takes the frequencies from float32 torch, the
+            // rest in Python floats): the same factors to f32 precision, with no f32 `powf`
+            // whose last bit may depend on the CPU.
+            let freq = 1.0 / f64::from(cfg.rope_theta).powf((2 * i) as f64 / dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
             let f = if wavelen < old_context / high {
                 1.0
             } else if wavelen > old_context / low {

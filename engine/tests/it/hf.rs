@@ -127,11 +127,12 @@ fn the_demo_models_hf_directory_gives_the_ggufs_tokens() {
     }
 }
 
-/// Qwen2 (Q/K/V biases) and Qwen3 (Q/K norms) directories from the tiny fixtures: the GGUF's
-/// f32 logits to the bit (their Q and K rows are not permuted by either format).
+/// Qwen2 (Q/K/V biases), Qwen3 (Q/K norms) and Llama 3.1 (rope scaling, here from
+/// config.json's `rope_scaling` instead of `rope_freqs.weight`) directories from the tiny
+/// fixtures: the GGUF's f32 logits to the bit.
 #[test]
-fn qwen_hf_directories_give_the_ggufs_logits() {
-    for name in ["qwen2", "qwen3"] {
+fn every_architectures_hf_directory_gives_the_ggufs_logits() {
+    for name in ["qwen2", "qwen3", "llama3-rope"] {
         let dir = fixture(&format!("{name}-hf"));
         let gguf_path = dir.parent().unwrap().join(format!("{name}.gguf"));
         let (_, gguf) = load_gguf(&gguf_path);
