@@ -33,10 +33,11 @@ const END_OF_TURN_MARKERS: &[&str] = &[
     "<|end|>",
 ];
 
-/// What turns raw text (no special token in it) into ids, and ids back into text.
+/// What turns raw text (no special token in it) into ids, and ids back into text. Boxed:
+/// both are large, and one exists per model.
 pub enum Encoder {
-    Bpe(ByteLevelBpe),
-    Spm(Spm),
+    Bpe(Box<ByteLevelBpe>),
+    Spm(Box<Spm>),
 }
 
 impl Encoder {
@@ -124,7 +125,9 @@ impl ModelTokenizer {
         let max_token_bytes = tokens.iter().map(String::len).max().unwrap_or(1).max(1);
         let (encoder, add_bos) = match model_kind.as_str() {
             "gpt2" => (
-                Encoder::Bpe(ByteLevelBpe::from_gguf(gguf, &pre_kind, &tokens, &types)?),
+                Encoder::Bpe(Box::new(ByteLevelBpe::from_gguf(
+                    gguf, &pre_kind, &tokens, &types,
+                )?)),
                 add_bos.unwrap_or_else(|| bpe::adds_bos_by_default(&pre_kind)),
             ),
             "llama" => {
@@ -138,7 +141,7 @@ impl ModelTokenizer {
                     specials.iter_mut().for_each(|s| s.rstrip = true);
                 }
                 let spm = Spm::new(tokens, &types, &scores, add_space_prefix, leading_bos)?;
-                (Encoder::Spm(spm), add_bos)
+                (Encoder::Spm(Box::new(spm)), add_bos)
             }
             other => bail!(
                 "tokenizer.ggml.model is {other:?}; supported: \"gpt2\" (byte-level BPE) and \
@@ -470,7 +473,7 @@ impl ModelTokenizer {
             .max()
             .unwrap_or(1);
         Self::from_parts(TokenizerParts {
-            encoder: Encoder::Bpe(ByteLevelBpe::from_tokenizer(inner)),
+            encoder: Encoder::Bpe(Box::new(ByteLevelBpe::from_tokenizer(inner))),
             model_kind: "tokenizer.json".into(),
             pre_kind: "byte-level".into(),
             vocab_size,
