@@ -321,11 +321,22 @@ impl ModelTokenizer {
         self.special.get(id as usize).copied().unwrap_or(false)
     }
 
-    /// Text of `ids`, control tokens left out.
+    /// Text of `ids`, control tokens left out; SentencePiece's space prefix is taken off
+    /// the first token as llama.cpp's `detokenize` does, so that `decode(encode(x))` is `x`.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         match &self.inner {
             Encoder::Bpe(b) => b.decode(ids),
-            Encoder::Spm(s) => Ok(s.decode(ids)),
+            Encoder::Spm(s) => Ok(s.decode(ids, true)),
+        }
+    }
+
+    /// Text of ids that continue a prompt (generated ones), as llama-server writes them: a
+    /// first token's SentencePiece space is part of the answer (" fox" after "The quick
+    /// brown"), so nothing is taken off.
+    fn decode_continuation(&self, ids: &[u32]) -> Result<String> {
+        match &self.inner {
+            Encoder::Bpe(b) => b.decode(ids),
+            Encoder::Spm(s) => Ok(s.decode(ids, false)),
         }
     }
 
@@ -622,6 +633,21 @@ mod tests {
         assert_eq!(control_ids(&t, &t.encode_plain(rendered).unwrap()), [1]);
         assert_eq!(t.token_bytes(10 + 0xE9), [0xE9]);
         assert_eq!(t.token_text(2), "</s>");
+    }
+
+    /// Generated text keeps the space of its first token (llama-server's output, and a
+    /// completion that continues its prompt), and a character cut between byte tokens is held
+    /// back until whole.
+    #[test]
+    fn spm_streaming_keeps_the_first_space_and_whole_characters() {
+        let (_d, t) = spm(&[]);
+        let mut d = super::Detokenizer::new();
+        let deltas: Vec<String> = [6, 5, 10 + 0xC3, 10 + 0xA9]
+            .into_iter()
+            .map(|id| d.push(&t, id))
+            .collect();
+        assert_eq!(deltas, [" a", "b", "", "é"]);
+        assert_eq!(d.flush(&t), "");
     }
 
     /// Hostile metadata is refused with the key's name, never a panic.

@@ -33,10 +33,10 @@ impl Detokenizer {
     /// The text of the ids already released in the window, and of the whole window.
     fn window(&self, tok: &ModelTokenizer) -> (String, String) {
         let prefix = tok
-            .decode(&self.ids[self.prefix_offset..self.read_offset])
+            .decode_continuation(&self.ids[self.prefix_offset..self.read_offset])
             .unwrap_or_default();
         let full = tok
-            .decode(&self.ids[self.prefix_offset..])
+            .decode_continuation(&self.ids[self.prefix_offset..])
             .unwrap_or_default();
         (prefix, full)
     }

@@ -178,11 +178,13 @@ impl Spm {
 
     /// Text of `ids` as llama.cpp's `detokenize` gives it with special tokens removed and
     /// not rendered: U+2581 is a space again, byte tokens are their byte, control, unknown
-    /// and unused tokens are nothing. The space prefix is taken off the first token, except
-    /// after a leading BOS (which llama.cpp keeps, as it does here).
-    pub(super) fn decode(&self, ids: &[u32]) -> String {
+    /// and unused tokens are nothing. When `ids` start the text, the space prefix is taken
+    /// off the first token, except after a leading BOS (which llama.cpp keeps, as it does
+    /// here); ids that continue a text (generated ones) keep every space, as llama-server's
+    /// output does.
+    pub(super) fn decode(&self, ids: &[u32], starts_text: bool) -> String {
         let mut ids = ids;
-        let mut strip_space = self.add_space_prefix;
+        let mut strip_space = self.add_space_prefix && starts_text;
         if let (Some(bos), Some((&first, rest))) = (self.leading_bos, ids.split_first())
             && first == bos
         {
@@ -350,13 +352,18 @@ mod tests {
     fn decodes_spaces_and_bytes_and_skips_control_tokens() {
         let v = vocab(true);
         let ids = v.encode("ab é", true).unwrap();
-        assert_eq!(v.decode(&ids), "ab é");
+        assert_eq!(v.decode(&ids, true), "ab é");
+        assert_eq!(
+            v.decode(&ids, false),
+            " ab é",
+            "a continuation keeps its space"
+        );
         // After BOS, llama.cpp keeps the space prefix.
         let mut with_bos = vec![1];
         with_bos.extend(&ids);
-        assert_eq!(v.decode(&with_bos), " ab é");
+        assert_eq!(v.decode(&with_bos, true), " ab é");
         // </s> renders as nothing, but it is the first token: the next keeps its space.
-        assert_eq!(v.decode(&[2, 6]), " a");
+        assert_eq!(v.decode(&[2, 6], true), " a");
         assert_eq!(v.piece_bytes(BYTE_BASE + 0xC3, true), [0xC3]);
         assert_eq!(v.piece_bytes(2, true), b"</s>");
     }
