@@ -27,7 +27,7 @@ class Server:
     """A running server; stopped (SIGTERM, then SIGKILL) when the fixture ends."""
 
     def __init__(self, tmp: Path, extra_config: str = "", init_args=(), model: Path = MODEL,
-                 model_keys: str = ""):
+                 model_keys: str = "", context_length: int | None = 2048):
         assert BIN.exists(), f"{BIN} missing: build with cargo build --release"
         assert model.exists(), f"{model} missing: run scripts/fetch-model.sh"
         self.dir = tmp / "srv"
@@ -41,7 +41,9 @@ class Server:
         self.key = last.removeprefix("api key: ")
         self.config = self.dir / "bulwark.toml"
         text = self.config.read_text()
-        text = text.replace("[model]", f"[model]\ncontext_length = 2048\n{model_keys}", 1)
+        if context_length is not None:
+            model_keys = f"context_length = {context_length}\n{model_keys}"
+        text = text.replace("[model]", f"[model]\n{model_keys}", 1)
         text += f"\n[metrics]\nlisten = \"127.0.0.1:{self.metrics_port}\"\n" + extra_config
         self.config.write_text(text)
         self.ca = self.dir / "cert.pem"
