@@ -5,7 +5,8 @@ Each fixture has the demo model's tokenizer and chat template (SmolLM2: byte-lev
 "smollm", 49152 tokens), except llama-spm.gguf, which has Llama 2's SentencePiece vocabulary
 (32000 tokens, from llama.cpp's ggml-vocab-llama-spm.gguf) and a Mistral [INST] template;
 all have a two-block transformer of width 64 (4 query heads, 2 key/value heads of 16,
-feed-forward 128). Matrices are Q8_0, norms, biases and rope factors F32, as in
+feed-forward 128). Matrices are Q8_0 (other types in llama-<type>.gguf), norms, biases and
+rope factors F32, as in
 the GGUF files llama.cpp's converter writes, so that one llama.cpp run per fixture
 (make_reference.py) gives a reference for each architecture's loader and forward pass.
 
@@ -14,11 +15,13 @@ the GGUF files llama.cpp's converter writes, so that one llama.cpp run per fixtu
   qwen2.gguf        qwen2: Q/K/V biases, tied output
   qwen3.gguf        qwen3: per-head Q/K RMS norms, no biases, tied output
   llama-spm.gguf    llama as llama.gguf, with a SentencePiece tokenizer
+  llama-q4_0.gguf, llama-q5_0.gguf, llama-q5_1.gguf, llama-f16.gguf
+                    llama.gguf's weights with every matrix in another block type
 
 The same bytes come out on every run and every machine: weights are drawn from PCG64's raw
 stream (numpy keeps bit generators' streams stable across versions; its distributions it does
-not) and made roughly normal with exact arithmetic; Q8_0 quantization is gguf-py's port of
-ggml's, which is exact float arithmetic too. The Rust test pins each fixture by the sha256 the
+not) and made roughly normal with exact arithmetic; quantization is gguf-py's port of ggml's
+reference quantizers (Q8_0, Q4_0, Q5_0, Q5_1), which is exact float arithmetic too. The Rust test pins each fixture by the sha256 the
 reference recorded, so a fixture that came out different is refused and the test fails.
 
 Usage: make_fixtures.py [OUT_DIR] [--demo DEMO.gguf] [--vocabs VOCABS_DIR]
@@ -162,15 +165,27 @@ def spm_tokenizer_fields(vocabs):
     return fields, vocab
 
 
+# The matrix types written: each fixture's matrices (embedding included) in one of them, with
+# the file type llama.cpp's converter would state for it.
+MATRIX_TYPES = {
+    "Q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "Q4_0": (GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+    "Q5_0": (GGMLQuantizationType.Q5_0, LlamaFileType.MOSTLY_Q5_0),
+    "Q5_1": (GGMLQuantizationType.Q5_1, LlamaFileType.MOSTLY_Q5_1),
+    "F16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+}
+
+
 def write_fixture(path, arch, name, seed, tokenizer, vocab, *, freq_base, rope_freqs=False,
                   untied_output=False, qkv_bias=False, qk_norm=False, vocab_size_key=False,
-                  head_dim_keys=False):
+                  head_dim_keys=False, matrix_type="Q8_0"):
+    qtype, file_type = MATRIX_TYPES[matrix_type]
     w = Weights(seed)
     tmp = path.with_suffix(".part")
     writer = GGUFWriter(tmp, arch)  # writes general.architecture first
     writer.add_name(name)
     writer.add_custom_alignment(32)  # the GGUF default, stated
-    writer.add_file_type(LlamaFileType.MOSTLY_Q8_0)
+    writer.add_file_type(file_type)
     writer.add_quantization_version(2)
     writer.add_context_length(CONTEXT)
     writer.add_embedding_length(EMBD)
@@ -191,8 +206,8 @@ def write_fixture(path, arch, name, seed, tokenizer, vocab, *, freq_base, rope_f
 
     # numpy (n_out, n_in) is ggml ne = [n_in, n_out]
     def matrix(tensor, n_out, n_in, std=MATRIX_STD):
-        q = quantize(w.normal((n_out, n_in), std), GGMLQuantizationType.Q8_0)
-        writer.add_tensor(tensor, q, raw_dtype=GGMLQuantizationType.Q8_0)
+        q = quantize(w.normal((n_out, n_in), std), qtype)
+        writer.add_tensor(tensor, q, raw_dtype=qtype)
 
     def vector(tensor, n, std, mean=0.0):
         writer.add_tensor(tensor, w.normal((n,), std, mean))
@@ -257,6 +272,12 @@ def main():
                   freq_base=1000000.0, qkv_bias=True, **common)
     write_fixture(args.out / "qwen3.gguf", "qwen3", "bulwark-fixture-qwen3", 4,
                   freq_base=1000000.0, qk_norm=True, head_dim_keys=True, **common)
+    # llama.gguf's weights (the same seed) in the other block types llama.cpp serves: Q4_0 runs
+    # on the packed path like Q8_0; Q5_0, Q5_1 and F16 through candle.
+    for matrix_type in ("Q4_0", "Q5_0", "Q5_1", "F16"):
+        write_fixture(args.out / f"llama-{matrix_type.lower()}.gguf", "llama",
+                      f"bulwark-fixture-llama-{matrix_type.lower()}", 1, freq_base=10000.0,
+                      vocab_size_key=True, matrix_type=matrix_type, **common)
     spm_tokenizer, spm_vocab = spm_tokenizer_fields(args.vocabs)
     write_fixture(args.out / "llama-spm.gguf", "llama", "bulwark-fixture-llama-spm", 5,
                   freq_base=10000.0, vocab_size_key=True, tokenizer=spm_tokenizer,

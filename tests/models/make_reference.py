@@ -34,7 +34,11 @@ FIXTURES = [("llama.gguf", "llama", CHATML_PROMPTS),
             ("llama3-rope.gguf", "llama", CHATML_PROMPTS),
             ("qwen2.gguf", "qwen2", CHATML_PROMPTS),
             ("qwen3.gguf", "qwen3", CHATML_PROMPTS),
-            ("llama-spm.gguf", "llama", INST_PROMPTS)]
+            ("llama-spm.gguf", "llama", INST_PROMPTS),
+            ("llama-q4_0.gguf", "llama", CHATML_PROMPTS),
+            ("llama-q5_0.gguf", "llama", CHATML_PROMPTS),
+            ("llama-q5_1.gguf", "llama", CHATML_PROMPTS),
+            ("llama-f16.gguf", "llama", CHATML_PROMPTS)]
 
 
 def pairs(top):

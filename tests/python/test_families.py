@@ -18,10 +18,11 @@ from conftest import ROOT, Server
 FIXTURES = Path(os.environ.get("BULWARK_FIXTURES", Path.home() / ".cache/bulwark/fixtures"))
 REFERENCE = json.loads((ROOT / "engine/tests/data/families-reference.json").read_text())
 
-# Where llama.cpp's top two are within this many nats, the packed path (which rounds
-# activations to 8 bits as llama.cpp does) may take either: measured within 2e-4 of llama.cpp
-# on these fixtures, 0.07 on qwen2 (engine/tests/it/families.rs).
-NEAR_TIE = {"qwen2": 0.2}
+# Where llama.cpp's top two are within this many nats, the server's default path may take
+# either (engine/tests/it/families.rs measures each): the packed path rounds activations to
+# 8 bits as llama.cpp does, within 2e-4 of it on these fixtures and 0.07 on qwen2; candle's
+# Q5_0 and Q5_1 products are within 0.15.
+NEAR_TIE = {"qwen2.gguf": 0.2, "llama-q5_0.gguf": 0.5, "llama-q5_1.gguf": 0.5}
 DEFAULT_NEAR_TIE = 0.01
 
 
@@ -59,9 +60,9 @@ def spell(reader, ids):
     return bytes(out)
 
 
-def agreed_prefix(case, arch):
+def agreed_prefix(case, file):
     """llama.cpp's greedy ids up to its first near tie."""
-    tie = NEAR_TIE.get(arch, DEFAULT_NEAR_TIE)
+    tie = NEAR_TIE.get(file, DEFAULT_NEAR_TIE)
     ids = []
     for step in case["steps"]:
         (_, first), (_, second) = step["top2"]
@@ -93,7 +94,7 @@ def test_each_family_serves_llama_cpps_greedy_text(fixture, tmp_path):
             r = client.completions.create(model=model, prompt=case["text"], temperature=0,
                                           max_tokens=len(case["steps"]))
             assert r.usage.prompt_tokens == len(case["prompt_ids"]), case["text"]
-            want = spell(reader, agreed_prefix(case, fixture["architecture"]))
+            want = spell(reader, agreed_prefix(case, fixture["file"]))
             got = r.choices[0].text.encode()
             # A cut through a UTF-8 character is held back until complete: compare what decodes.
             want = want.decode("utf-8", errors="ignore").encode()
