@@ -131,3 +131,39 @@ fn every_family_decodes_what_it_encoded() {
         }
     }
 }
+
+/// llama.cpp's default pre-tokenizer (a file naming none): its GPT-2 vocabulary with
+/// `tokenizer.ggml.pre` set to "default" in memory, against the ids llama.cpp's `llama-tokenize`
+/// gives for the same inputs (tests/models/make_pre_default_vectors.py made the file).
+#[test]
+fn the_default_pre_tokenizer_tokenizes_as_llama_cpp_does() {
+    let Some(dir) = vocab_dir() else { return };
+    #[derive(serde::Deserialize)]
+    struct Vectors {
+        vocab: String,
+        pre: String,
+        cases: Vec<Case>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Case {
+        text: String,
+        ids: Vec<u32>,
+    }
+    let path = crate::util::repo_root().join("engine/tests/data/vocab-pre-default.json");
+    let v: Vectors = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut gguf = GgufFile::open_unverified(&dir.join(&v.vocab)).unwrap();
+    gguf.content.metadata.insert(
+        "tokenizer.ggml.pre".into(),
+        candle_core::quantized::gguf_file::Value::String(v.pre.clone()),
+    );
+    let t = ModelTokenizer::from_gguf(&gguf).unwrap();
+    for (i, case) in v.cases.iter().enumerate() {
+        assert_eq!(
+            tokenize(&t, &case.text),
+            case.ids,
+            "input {i} {:?}: ours (left) differs from llama.cpp's",
+            case.text
+        );
+    }
+    eprintln!("default: {} vectors match llama.cpp", v.cases.len());
+}

@@ -25,6 +25,14 @@ const QWEN2_PRETOKENIZER_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L
 /// kept with the letters they modify.
 const QWEN35_PRETOKENIZER_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// llama.cpp's `LLAMA_VOCAB_PRE_TYPE_DEFAULT` regexes, applied in turn.
+const DEFAULT_PRETOKENIZER_REGEXES: [&str; 4] = [
+    r"[\p{P}\$\+<=>\^~\|]+",
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)",
+    r"\p{N}+",
+    r"[0-9][0-9][0-9]",
+];
+
 /// The `tokenizer.ggml.pre` values accepted, for the error that names an unknown one.
 const SUPPORTED_PRE: &str = "default, gpt2, gpt-2, mpt, olmo, smollm, starcoder, refact, \
                              command-r, llama-bpe, llama3, llama-v3, qwen2, qwen35";
@@ -151,7 +159,10 @@ fn merges(gguf: &GgufFile) -> Result<Vec<(String, String)>> {
 pub(super) fn pre_tokenizer(pre_kind: &str) -> Result<PreTokenizerWrapper> {
     Ok(match pre_kind {
         // GPT-2's regex, which tokenizers' byte-level pre-tokenizer applies itself.
-        "gpt2" | "gpt-2" | "mpt" | "olmo" | "default" => ByteLevel::new(false, true, true).into(),
+        "gpt2" | "gpt-2" | "mpt" | "olmo" => ByteLevel::new(false, true, true).into(),
+        // llama.cpp's default (a file with no or an unknown `tokenizer.ggml.pre`): four
+        // regexes, each splitting the pieces of the one before.
+        "default" => regexes_then_bytes(&DEFAULT_PRETOKENIZER_REGEXES)?,
         // llama.cpp's `smollm` and the others it groups with it: digits split one by one,
         // then GPT-2's regex.
         "smollm" | "starcoder" | "refact" | "command-r" => Sequence::new(vec![
@@ -170,17 +181,26 @@ pub(super) fn pre_tokenizer(pre_kind: &str) -> Result<PreTokenizerWrapper> {
 
 /// Split on `regex` (matches kept as pieces), then map bytes to GPT-2's byte-level symbols.
 fn regex_then_bytes(regex: &str) -> Result<PreTokenizerWrapper> {
-    Ok(Sequence::new(vec![
-        Split::new(
-            SplitPattern::Regex(regex.into()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(|e| anyhow::anyhow!("pre-tokenizer regex: {e}"))?
-        .into(),
-        ByteLevel::new(false, true, false).into(),
-    ])
-    .into())
+    regexes_then_bytes(&[regex])
+}
+
+/// Split on each of `regexes` in turn (each one's matches and the text between them kept as
+/// pieces, as llama.cpp's `unicode_regex_split` does), then map bytes to GPT-2's symbols.
+fn regexes_then_bytes(regexes: &[&str]) -> Result<PreTokenizerWrapper> {
+    let mut steps: Vec<PreTokenizerWrapper> = regexes
+        .iter()
+        .map(|r| {
+            Split::new(
+                SplitPattern::Regex((*r).into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map(Into::into)
+            .map_err(|e| anyhow::anyhow!("pre-tokenizer regex: {e}"))
+        })
+        .collect::<Result<_>>()?;
+    steps.push(ByteLevel::new(false, true, false).into());
+    Ok(Sequence::new(steps).into())
 }
 
 /// GPT-2's byte-level alphabet, inverted: printable bytes stand for themselves, the others were
