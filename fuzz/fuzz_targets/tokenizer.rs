@@ -1,9 +1,10 @@
 //! Tokenizer construction from GGUF metadata (`ModelTokenizer::from_gguf`), structure-aware:
-//! the demo model's metadata (the tiny GGUF's) is the base, and the input chooses which keys
-//! to keep, replace or retype, how much of the vocabulary and merges to keep, and what to add
-//! (hostile token strings, types, merges, ids out of range). The result is written as a real
-//! GGUF file and parsed by the engine; a tokenizer that builds then encodes and decodes the
-//! input's texts and ids.
+//! one of two bases, the demo model's byte-level BPE metadata (the tiny GGUF's) or a small
+//! SentencePiece vocabulary built here (scores, control and unknown tokens, the 256 byte
+//! tokens), and the input chooses which keys to keep, replace or retype, how much of the
+//! vocabulary, merges and scores to keep, and what to add (hostile token strings, types,
+//! scores, merges, ids out of range). The result is written as a real GGUF file and parsed by
+//! the engine; a tokenizer that builds then encodes and decodes the input's texts and ids.
 #![no_main]
 
 use std::io::Cursor;
@@ -22,7 +23,73 @@ struct Base {
     metadata: Vec<(String, Value)>,
     tokens: Vec<Value>,
     types: Vec<Value>,
+    /// `tokenizer.ggml.merges` (BPE), or `tokenizer.ggml.scores` (SentencePiece).
     merges: Vec<Value>,
+}
+
+/// A small SentencePiece vocabulary (`tokenizer.ggml.model = "llama"`), in llama.cpp's layout:
+/// `<unk>`, `<s>`, `</s>`, the 256 byte tokens, then pieces scored by merge priority.
+fn spm_base() -> &'static Base {
+    static B: OnceLock<Base> = OnceLock::new();
+    B.get_or_init(|| {
+        let pieces = [
+            "\u{2581}",
+            "\u{2581}t",
+            "he",
+            "\u{2581}the",
+            "\u{2581}a",
+            "in",
+            "er",
+            "\u{2581}in",
+            "on",
+            "re",
+            "at",
+            "en",
+            "\u{2581}s",
+            "is",
+            "or",
+            "es",
+            "<|im_start|>",
+            "\u{2581}\u{2581}",
+            "\u{2581}\u{2581}\u{2581}\u{2581}",
+        ];
+        let letters = ('a'..='z')
+            .chain('A'..='Z')
+            .chain('0'..='9')
+            .map(String::from);
+        let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+        tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+        tokens.extend(pieces.iter().map(|p| (*p).to_owned()));
+        tokens.extend(letters);
+        let types: Vec<Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match i {
+                0 => 2,
+                1 | 2 => 3,
+                3..=258 => 6,
+                _ if t.starts_with("<|") => 4,
+                _ => 1,
+            })
+            .map(Value::I32)
+            .collect();
+        let scores = (0..tokens.len()).map(|i| Value::F32(-(i as f32))).collect();
+        let metadata = vec![
+            ("general.architecture".into(), Value::String("llama".into())),
+            ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
+            ("tokenizer.ggml.add_space_prefix".into(), Value::Bool(true)),
+            ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+            ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+            ("tokenizer.ggml.unknown_token_id".into(), Value::U32(0)),
+        ];
+        Base {
+            metadata,
+            tokens: tokens.into_iter().map(Value::String).collect(),
+            types,
+            merges: scores,
+        }
+    })
 }
 
 fn base() -> &'static Base {
@@ -101,6 +168,10 @@ struct Input<'a> {
     odd_token: Option<Scalar<'a>>,
     texts: Vec<&'a str>,
     ids: Vec<u32>,
+    /// The SentencePiece base instead of the BPE one.
+    sentencepiece: bool,
+    /// Scores of the added tokens (SentencePiece), in turn.
+    scores: Vec<f32>,
 }
 
 fn prefix(v: &[Value], fraction: u8) -> Vec<Value> {
@@ -116,15 +187,19 @@ fn scratch() -> &'static ScratchFile {
 }
 
 fuzz_target!(|input: Input<'_>| {
-    let b = base();
+    let spm = input.sentencepiece;
+    let b = if spm { spm_base() } else { base() };
     let mut tokens = prefix(&b.tokens, input.keep_tokens);
     let mut types = prefix(&b.types, input.keep_tokens);
     let mut merges = prefix(&b.merges, input.keep_merges);
-    for (t, ty) in input.extra_tokens.iter().take(MAX_EXTRA) {
+    for (i, (t, ty)) in input.extra_tokens.iter().take(MAX_EXTRA).enumerate() {
         tokens.push(Value::String((*t).to_owned()));
         types.push(Value::I32(*ty));
+        if spm && !input.scores.is_empty() {
+            merges.push(Value::F32(input.scores[i % input.scores.len()]));
+        }
     }
-    for m in input.extra_merges.iter().take(MAX_EXTRA) {
+    for m in input.extra_merges.iter().take(MAX_EXTRA).filter(|_| !spm) {
         merges.push(Value::String((*m).to_owned()));
     }
     if let Some(odd) = &input.odd_token {
@@ -161,7 +236,12 @@ fuzz_target!(|input: Input<'_>| {
             metadata.push(("tokenizer.ggml.token_type".into(), Value::Array(types)));
         }
     }
-    metadata.push(("tokenizer.ggml.merges".into(), Value::Array(merges)));
+    let list = if spm {
+        "tokenizer.ggml.scores"
+    } else {
+        "tokenizer.ggml.merges"
+    };
+    metadata.push((list.into(), Value::Array(merges)));
 
     let refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut bytes = Cursor::new(Vec::new());
