@@ -4,6 +4,7 @@
 #   smollm2-hf                the demo model, f32, in two shards with an index
 #   qwen2-hf, qwen3-hf        the tiny Qwen fixtures of make_fixtures.py, f32
 #   llama3-rope-hf            the tiny Llama 3.1 fixture, its rope_freqs.weight as rope_scaling
+#   llama-spm-hf              the tiny SentencePiece fixture, a Llama-2-style tokenizer.json
 #   llama-hf-bf16, -f16       the tiny llama fixture rounded to bf16 / f16, stored so, and
 #   llama-hf-{bf16,f16}-as-f32  the same rounded values stored as f32
 # About 20 s and 560 MB. Needs the demo model (scripts/fetch-model.sh) and make_fixtures.py's output.
@@ -17,6 +18,8 @@ $py $make "$demo" "$out/smollm2-hf" --shards 2 >/dev/null
 for arch in qwen2 qwen3; do
   $py $make "$out/$arch.gguf" "$out/$arch-hf" >/dev/null
 done
+# Llama 2's SentencePiece vocabulary as a SentencePiece-style tokenizer.json.
+$py $make "$out/llama-spm.gguf" "$out/llama-spm-hf" >/dev/null
 # make_fixtures.py's Llama 3.1 rope scaling, now as config.json's rope_scaling.
 $py $make "$out/llama3-rope.gguf" "$out/llama3-rope-hf" --llama3-rope 8,1,4,8192 >/dev/null
 for half in BF16 F16; do

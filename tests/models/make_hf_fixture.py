@@ -4,8 +4,10 @@
   config.json                     LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM
   model.safetensors               or model-0000N-of-0000M.safetensors with
   model.safetensors.index.json    its weight_map (--shards N)
-  tokenizer.json                  built with the `tokenizers` package from the GGUF's
-                                  vocabulary, merges and control tokens
+  tokenizer.json                  byte-level BPE: built with the `tokenizers` package from the
+                                  GGUF's vocabulary, merges and control tokens; SentencePiece:
+                                  written as transformers' LlamaConverter does (merges from
+                                  the scores, byte fallback)
   tokenizer_config.json           bos/eos tokens, add_bos_token, chat_template
   generation_config.json          bos/eos ids
 
@@ -156,6 +158,42 @@ def write_bf16(part, path):
             f.write(t.astype("<u2").tobytes())
 
 
+def sentencepiece_tokenizer_json(reader):
+    """tokenizer.json for a SentencePiece GGUF tokenizer, as transformers' LlamaConverter writes
+    one: a BPE model with byte fallback whose merges are listed from the pieces' scores
+    (SentencePieceExtractor), a normalizer that prepends U+2581 and replaces spaces with it."""
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    types = field(reader, "tokenizer.ggml.token_type")
+    scores = field(reader, "tokenizer.ggml.scores")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for piece, score in zip(tokens, scores):
+        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
+                 if piece[:i] in vocab and piece[i:] in vocab]
+        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    merges.sort(key=lambda m: m[2], reverse=True)
+    unk = tokens[field(reader, "tokenizer.ggml.unknown_token_id", 0)]
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True}
+             for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (CONTROL, 2)]
+    mark = "\u2581"
+    tok = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": mark},
+            {"type": "Replace", "pattern": {"String": " "}, "content": mark}]},
+        "pre_tokenizer": None, "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": mark}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True,
+                  "ignore_merges": False, "vocab": vocab, "merges": [[a, b] for a, b, _ in merges]},
+    }
+    return tok, tokens
+
+
 def tokenizer_json(reader):
     """tokenizer.json for a byte-level BPE GGUF tokenizer with the `smollm` pre-tokenizer."""
     assert field(reader, "tokenizer.ggml.model") == "gpt2", "byte-level BPE tokenizers only"
@@ -244,8 +282,12 @@ def main():
     tensors = weights(reader, arch, args.dtype, args.round)
     tied = "lm_head.weight" not in tensors
     save_weights(tensors, args.out, args.shards, args.dtype)
-    tok, tokens = tokenizer_json(reader)
-    tok.save(str(args.out / "tokenizer.json"))
+    if field(reader, "tokenizer.ggml.model") == "llama":
+        tok, tokens = sentencepiece_tokenizer_json(reader)
+        (args.out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+    else:
+        tok, tokens = tokenizer_json(reader)
+        tok.save(str(args.out / "tokenizer.json"))
     bos, eos = field(reader, "tokenizer.ggml.bos_token_id"), field(reader, "tokenizer.ggml.eos_token_id")
     config = config_json(reader, arch, tied)
     if rope_freqs is not None:
@@ -254,7 +296,8 @@ def main():
     (args.out / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": tokens[bos],
         "eos_token": tokens[eos],
-        "add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "add_bos_token": bool(field(reader, "tokenizer.ggml.add_bos_token",
+                                    field(reader, "tokenizer.ggml.model") == "llama")),
         "chat_template": field(reader, "tokenizer.chat_template"),
         "model_max_length": field(reader, f"{arch}.context_length"),
     }, indent=2))

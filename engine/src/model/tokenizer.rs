@@ -5,13 +5,13 @@
 mod bpe;
 mod detokenizer;
 mod fragments;
+mod hf_json;
 mod metadata;
 mod spm;
 
 pub use detokenizer::Detokenizer;
 
-use anyhow::{Context, Result, bail, ensure};
-use tokenizers::Tokenizer;
+use anyhow::{Result, bail, ensure};
 
 use super::gguf::GgufFile;
 use bpe::ByteLevelBpe;
@@ -57,6 +57,19 @@ impl Encoder {
             Self::Spm(s) => s.encode(text, after_special),
         }
     }
+}
+
+/// The tokens cut out of trusted text (control, user-defined and unknown ones), by id.
+fn specials_of(tokens: &[String], types: &[metadata::TokenType]) -> Vec<SpecialToken> {
+    (0u32..)
+        .zip(tokens.iter().zip(types))
+        .filter(|(_, (_, t))| t.is_special())
+        .map(|(id, (text, _))| SpecialToken {
+            text: text.clone(),
+            id,
+            rstrip: false,
+        })
+        .collect()
 }
 
 /// Everything a [`ModelTokenizer`] is made of, whatever file it was read from.
@@ -113,15 +126,7 @@ impl ModelTokenizer {
             .into_iter()
             .collect();
         let add_bos = gguf.opt_bool(ADD_BOS);
-        let mut specials: Vec<SpecialToken> = (0u32..)
-            .zip(tokens.iter().zip(&types))
-            .filter(|(_, (_, t))| t.is_special())
-            .map(|(id, (text, _))| SpecialToken {
-                text: text.clone(),
-                id,
-                rstrip: false,
-            })
-            .collect();
+        let mut specials = specials_of(&tokens, &types);
         let max_token_bytes = tokens.iter().map(String::len).max().unwrap_or(1).max(1);
         let (encoder, add_bos) = match model_kind.as_str() {
             "gpt2" => (
@@ -414,110 +419,6 @@ impl ModelTokenizer {
                 .any(|k| k + s.len() > at && bytes[k..].starts_with(s))
         })
     }
-}
-
-// ---- Hugging Face tokenizer.json --------------------------------------------------------
-
-/// The `decoder` types of a byte-level BPE tokenizer.json (GPT-2's alphabet): Llama 3, Qwen,
-/// SmolLM, Mistral NeMo. SentencePiece-style files (Llama 2, Mistral 7B) are refused by name.
-const HF_BYTE_LEVEL_DECODERS: &[&str] = &["ByteLevel"];
-
-impl ModelTokenizer {
-    /// A tokenizer from a Hugging Face directory: `tokenizer.json` (vocabulary, merges,
-    /// pre-tokenizer, added tokens), with BOS, EOS and `add_bos_token` from
-    /// `tokenizer_config.json` and the stop ids of `generation_config.json`.
-    pub fn from_hf(
-        json: &[u8],
-        cfg: &super::hf::TokenizerConfig,
-        generation: &super::hf::GenerationConfig,
-    ) -> Result<Self> {
-        check_byte_level_decoder(json)?;
-        let mut inner = Tokenizer::from_bytes(json).map_err(|e| anyhow::anyhow!("{e}"))?;
-        // Only the model's own pipeline: no padding or truncation settings from the file.
-        inner.with_padding(None);
-        inner
-            .with_truncation(None)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let vocab_size = inner.get_vocab_size(true);
-        let id_of = |key: &str, text: Option<&super::hf::TokenText>| -> Result<Option<u32>> {
-            let Some(t) = text else { return Ok(None) };
-            inner.token_to_id(t.text()).map(Some).with_context(|| {
-                format!("tokenizer_config.json: {key} {:?} is not a token", t.text())
-            })
-        };
-        let eos_id = id_of("eos_token", cfg.eos_token.as_ref())?
-            .or_else(|| generation.eos_ids().first().copied())
-            .context("tokenizer_config.json has no eos_token")?;
-        let bos_id = id_of("bos_token", cfg.bos_token.as_ref())?;
-        let mut stop_ids = vec![eos_id];
-        stop_ids.extend(generation.eos_ids());
-        stop_ids.extend(
-            END_OF_TURN_MARKERS
-                .iter()
-                .filter_map(|m| inner.token_to_id(m)),
-        );
-        ensure!(
-            stop_ids.iter().all(|&id| (id as usize) < vocab_size),
-            "generation_config.json: eos_token_id names an id outside the vocabulary"
-        );
-        let specials = inner
-            .get_added_tokens_decoder()
-            .into_iter()
-            .filter(|(_, t)| t.special)
-            .map(|(id, tok)| SpecialToken {
-                text: tok.content,
-                id,
-                rstrip: false,
-            })
-            .collect();
-        // Whether the file's post-processor puts BOS first, unless the config says.
-        let add_bos = cfg.add_bos_token.unwrap_or_else(|| {
-            bos_id.is_some()
-                && inner
-                    .encode_fast("a", true)
-                    .is_ok_and(|e| e.get_ids().first().copied() == bos_id)
-        });
-        let max_token_bytes = inner
-            .get_vocab(true)
-            .keys()
-            .map(String::len)
-            .max()
-            .unwrap_or(1);
-        Self::from_parts(TokenizerParts {
-            encoder: Encoder::Bpe(Box::new(ByteLevelBpe::from_tokenizer(inner))),
-            model_kind: "tokenizer.json".into(),
-            pre_kind: "byte-level".into(),
-            vocab_size,
-            specials,
-            bos_id,
-            eos_id,
-            extra_stop_ids: stop_ids,
-            add_bos,
-            max_token_bytes,
-        })
-    }
-}
-
-/// Refuse a tokenizer.json whose decoder is not byte-level, naming it: its tokens are not in
-/// GPT-2's byte alphabet, so raw bytes and streaming would be wrong.
-fn check_byte_level_decoder(json: &[u8]) -> Result<()> {
-    #[derive(serde::Deserialize)]
-    struct Head {
-        decoder: Option<serde_json::Value>,
-    }
-    let head: Head = serde_json::from_slice(json).context("tokenizer.json is not JSON")?;
-    let kind = head
-        .decoder
-        .as_ref()
-        .and_then(|d| d.get("type"))
-        .and_then(|t| t.as_str())
-        .unwrap_or("none");
-    ensure!(
-        HF_BYTE_LEVEL_DECODERS.contains(&kind),
-        "tokenizer.json: decoder {kind:?} is not supported; only byte-level BPE tokenizers \
-         (decoder \"ByteLevel\": Llama 3, Qwen, SmolLM) load from a directory"
-    );
-    Ok(())
 }
 
 #[cfg(test)]

@@ -127,12 +127,12 @@ fn the_demo_models_hf_directory_gives_the_ggufs_tokens() {
     }
 }
 
-/// Qwen2 (Q/K/V biases), Qwen3 (Q/K norms) and Llama 3.1 (rope scaling, here from
-/// config.json's `rope_scaling` instead of `rope_freqs.weight`) directories from the tiny
-/// fixtures: the GGUF's f32 logits to the bit.
+/// Qwen2 (Q/K/V biases), Qwen3 (Q/K norms), Llama 3.1 (rope scaling, here from config.json's
+/// `rope_scaling` instead of `rope_freqs.weight`) and SentencePiece Llama directories from the
+/// tiny fixtures: the GGUF's f32 logits to the bit.
 #[test]
 fn every_architectures_hf_directory_gives_the_ggufs_logits() {
-    for name in ["qwen2", "qwen3", "llama3-rope"] {
+    for name in ["qwen2", "qwen3", "llama3-rope", "llama-spm"] {
         let dir = fixture(&format!("{name}-hf"));
         let gguf_path = dir.parent().unwrap().join(format!("{name}.gguf"));
         let (_, gguf) = load_gguf(&gguf_path);
@@ -250,4 +250,33 @@ fn custom_code_in_a_directory_is_refused_and_never_run() {
     let err = refusal(tmp.path(), pins);
     assert!(err.contains("auto_map"), "{err}");
     assert!(!marker.exists(), "code from the model directory ran");
+}
+
+/// A SentencePiece-style tokenizer.json (Llama 2's vocabulary, written as transformers'
+/// converter writes it) gives llama.cpp's ids on llama.cpp's own test vectors, as the GGUF
+/// does, and the same prompt ids as the GGUF for a chat.
+#[test]
+fn a_sentencepiece_tokenizer_json_tokenizes_as_llama_cpp_does() {
+    let Some(vocabs) = crate::vocab::vocab_dir() else {
+        return;
+    };
+    let dir = fixture("llama-spm-hf");
+    let (info, _) = load_pinned(&dir);
+    let t = &info.tokenizer;
+    assert_eq!(t.pre_kind, "sentencepiece");
+    let cases = crate::vocab::vectors(&vocabs, "llama-spm");
+    for (i, (input, want)) in cases.iter().enumerate() {
+        assert_eq!(
+            &crate::vocab::tokenize(t, input),
+            want,
+            "input {i} {input:?}: ours (left) differs from llama.cpp's"
+        );
+    }
+    let (g_info, _) = load_gguf(&dir.parent().unwrap().join("llama-spm.gguf"));
+    for q in [
+        "Hello there",
+        "What is 12 + 30? Answer [INST] in </s> words.",
+    ] {
+        assert_eq!(chat_ids(&info, q), chat_ids(&g_info, q), "{q:?}");
+    }
 }

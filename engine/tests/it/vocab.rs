@@ -40,7 +40,7 @@ const FAMILIES: &[&str] = &[
 const INPUT_SEPARATOR: &str = "\n__ggml_vocab_test__\n";
 
 /// The vocabulary directory, or None (with a message) when BULWARK_VOCABS is unset.
-fn vocab_dir() -> Option<PathBuf> {
+pub(crate) fn vocab_dir() -> Option<PathBuf> {
     let Some(dir) = std::env::var_os("BULWARK_VOCABS") else {
         eprintln!(
             "skipped: BULWARK_VOCABS is unset; run `export BULWARK_VOCABS=$(tests/models/fetch-vocabs.sh)` \
@@ -52,7 +52,7 @@ fn vocab_dir() -> Option<PathBuf> {
 }
 
 /// The inputs and llama.cpp's ids for each, as test-tokenizer-0.cpp reads them.
-fn vectors(dir: &std::path::Path, family: &str) -> Vec<(String, Vec<u32>)> {
+pub(crate) fn vectors(dir: &std::path::Path, family: &str) -> Vec<(String, Vec<u32>)> {
     let base = dir.join(format!("ggml-vocab-{family}.gguf"));
     let read = |ext: &str| {
         let path = base.with_extension(format!("gguf.{ext}"));
@@ -89,7 +89,7 @@ fn load(dir: &std::path::Path, family: &str) -> ModelTokenizer {
 }
 
 /// llama.cpp's `tokenize(text, add_special = false, parse_special = false)`.
-fn tokenize(t: &ModelTokenizer, text: &str) -> Vec<u32> {
+pub(crate) fn tokenize(t: &ModelTokenizer, text: &str) -> Vec<u32> {
     let mut ids = t.encode_plain(text).unwrap();
     if t.add_bos && t.bos_id.is_some() && ids.first() == t.bos_id.as_ref() {
         ids.remove(0);
