@@ -79,7 +79,15 @@ def test_an_altered_file_stops_the_server_before_parsing(hf_dir, tmp_path):
 
 
 def test_model_hash_prints_the_table_init_pins(hf_dir, tmp_path):
-    table = subprocess.run([BIN, "model", "hash", hf_dir], check=True, capture_output=True,
+    """Every file the loader reads, and nothing else: a README, custom code or a stray
+    model.safetensors beside the index is not pinned (the loader never opens them)."""
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for f in hf_dir.iterdir():
+        (copy / f.name).symlink_to(f)
+    for extra in ["README.md", "modeling_x.py", "model.safetensors"]:
+        (copy / extra).write_text("not read\n")
+    table = subprocess.run([BIN, "model", "hash", copy], check=True, capture_output=True,
                            text=True).stdout
     assert table.startswith("[model.files]\n")
     names = [line.split(" = ")[0].strip('"') for line in table.splitlines()[1:]]

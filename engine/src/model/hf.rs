@@ -38,6 +38,9 @@ pub const FILES_READ: &[&str] = &[
 /// Size caps of the JSON files: generous for real models (Qwen's tokenizer.json is 7 MB, a
 /// 400-shard index 100 KB), small enough that a hostile file cannot exhaust memory.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Largest head count or head size accepted (real models: up to 128 heads of up to 256).
+const MAX_HEAD_DIM_OR_COUNT: usize = 1 << 14;
 pub const MAX_INDEX_BYTES: u64 = 16 << 20;
 const MAX_TOKENIZER_BYTES: u64 = 64 << 20;
 
@@ -134,6 +137,14 @@ impl HfConfig {
         self.check_supported(arch)?;
         let n_head = self.num_attention_heads;
         let n_kv_head = self.num_key_value_heads.unwrap_or(n_head);
+        // Bounded before any product or table sized by them (a head count of 2^63 + 4 would
+        // wrap the widths into agreeing with small tensors).
+        let heads_and_dims = [n_head, n_kv_head, self.head_dim.unwrap_or(1)];
+        ensure!(
+            heads_and_dims.iter().all(|&d| d <= MAX_HEAD_DIM_OR_COUNT),
+            "config.json: num_attention_heads, num_key_value_heads and head_dim must be at most \
+             {MAX_HEAD_DIM_OR_COUNT}"
+        );
         ensure!(
             n_head > 0 && n_kv_head > 0 && n_head.is_multiple_of(n_kv_head),
             "config.json: num_attention_heads {n_head} is not a positive multiple of \
@@ -707,6 +718,14 @@ mod tests {
                 "quantization_config",
             ),
             (r#","num_key_value_heads":3"#, "num_key_value_heads"),
+            (
+                r#","head_dim":4611686018427387904"#,
+                "head_dim must be at most",
+            ),
+            (
+                r#","num_attention_heads":9223372036854775812"#,
+                "num_attention_heads",
+            ),
         ] {
             let err = format!("{:#}", config(extra).expect_err(extra));
             assert!(err.contains(key), "{extra}: {err}");

@@ -156,6 +156,8 @@ pub fn directory_pins(dir: &Path) -> Result<BTreeMap<String, Sha256>> {
         .collect();
     let index = dir.join(super::hf::INDEX_FILE);
     if index.is_file() {
+        // With an index, the loader reads its shards, never a model.safetensors beside it.
+        names.retain(|n| n != super::hf::WEIGHTS_FILE);
         let mut f = ModelFile::open(&index)?;
         names.extend(super::hf::shard_names(
             &f.read_all(super::hf::MAX_INDEX_BYTES)?,

@@ -112,6 +112,13 @@ pub fn qtensor(
     shape: &[usize],
     device: &candle_core::Device,
 ) -> Result<QTensor> {
+    // candle views the bytes as elements without checking their count.
+    let elems = shape.iter().product::<usize>();
+    ensure!(
+        bytes.len() == elems * dtype.size(),
+        "{} bytes for a {dtype:?} tensor of shape {shape:?}",
+        bytes.len()
+    );
     Ok(candle_core::quantized::ggml_file::qtensor_from_ggml(
         dtype.ggml(),
         bytes,
@@ -142,14 +149,14 @@ fn read_header(file: &mut ModelFile) -> Result<BTreeMap<String, Entry>> {
         }
         let raw: RawEntry = serde_json::from_value(value)
             .with_context(|| format!("the header's entry for tensor {name}"))?;
-        let entry = check_entry(&name, raw, data_start)?;
+        let entry = check_entry(&name, raw, data_start, file_len)?;
         tensors.insert(name, entry);
     }
     check_layout(&tensors, file_len)?;
     Ok(tensors)
 }
 
-fn check_entry(name: &str, raw: RawEntry, data_start: u64) -> Result<Entry> {
+fn check_entry(name: &str, raw: RawEntry, data_start: u64, file_len: u64) -> Result<Entry> {
     let Some(dtype) = Dtype::from_name(&raw.dtype) else {
         bail!(
             "tensor {name} is {}: only F32, F16 and BF16 weights are supported",
@@ -177,9 +184,15 @@ fn check_entry(name: &str, raw: RawEntry, data_start: u64) -> Result<Entry> {
         "tensor {name}'s byte range [{begin}, {end}) does not hold {:?} {shape:?}",
         dtype
     );
-    let start = data_start
-        .checked_add(begin)
-        .with_context(|| format!("tensor {name}'s offset overflows"))?;
+    // Checked against the file before any sum: offsets near u64::MAX would otherwise wrap
+    // and pass every later comparison.
+    let data_len = file_len - data_start;
+    ensure!(
+        end <= data_len,
+        "tensor {name} ends at byte {end} of the data, past the end of the file ({data_len} \
+         bytes of data)"
+    );
+    let start = data_start + begin;
     Ok(Entry {
         dtype,
         shape,
@@ -204,12 +217,10 @@ fn check_layout(tensors: &BTreeMap<String, Entry>, file_len: u64) -> Result<()> 
             pair[1].2
         );
     }
-    if let Some(&(_, end, name)) = ranges.last() {
-        ensure!(
-            end <= file_len,
-            "tensor {name} ends at byte {end}, past the end of the file ({file_len} bytes)"
-        );
-    }
+    debug_assert!(
+        ranges.last().is_none_or(|r| r.1 <= file_len),
+        "checked per entry"
+    );
     Ok(())
 }
 
@@ -299,6 +310,11 @@ mod tests {
                 "unknown field",
             ),
             (r#"[1,2]"#, "not a JSON object"),
+            // The end wraps past u64::MAX to just before the data: refused before any sum.
+            (
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[18446744073709551607,18446744073709551615]}}"#,
+                "past the end",
+            ),
         ];
         for (header, want) in cases {
             let err = parse_err(header, &[0u8; 8]);

@@ -44,6 +44,10 @@ struct TokenizerFile {
 struct Model {
     #[serde(rename = "type")]
     kind: Option<String>,
+    /// BPE options the engine does not compute (word-piece style affixes, dropout): refused.
+    continuing_subword_prefix: Option<String>,
+    end_of_word_suffix: Option<String>,
+    dropout: Option<f64>,
     #[serde(default)]
     vocab: HashMap<String, u32>,
     #[serde(default)]
@@ -102,7 +106,7 @@ impl ModelTokenizer {
             .context("tokenizer.json is not a tokenizer file (model, added_tokens)")?;
         let decoder = type_of(file.decoder.as_ref());
         if decoder == "ByteLevel" {
-            return Self::byte_level_from_hf(json, cfg, generation);
+            return Self::byte_level_from_hf(json, &file, cfg, generation);
         }
         ensure!(
             file.model.kind.as_deref().unwrap_or("BPE") == "BPE"
@@ -118,21 +122,37 @@ impl ModelTokenizer {
 
     fn byte_level_from_hf(
         json: &[u8],
+        file: &TokenizerFile,
         cfg: &TokenizerConfig,
         generation: &GenerationConfig,
     ) -> Result<Self> {
+        // INVARIANT: checked before the tokenizers crate builds the model: its BPE builder
+        // panics on a merge longer than every token and trusts the merges' bytes.
+        check_bpe_model(&file.model)?;
+        let vocab_size = id_count(file)?;
         let mut inner = Tokenizer::from_bytes(json).map_err(|e| anyhow::anyhow!("{e}"))?;
         // Only the model's own pipeline: no padding or truncation settings from the file.
         inner.with_padding(None);
         inner
             .with_truncation(None)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let vocab_size = inner.get_vocab_size(true);
+        // Every added token is special, whatever the file says (Qwen marks `<think>` and the
+        // tool-call markers `special: false`): the crate then never matches one in untrusted
+        // text, and only template text is cut at them, as for a GGUF's user-defined tokens.
+        let added = inner.get_added_tokens_decoder();
+        let as_special: Vec<tokenizers::AddedToken> = added
+            .values()
+            .map(|t| tokenizers::AddedToken {
+                special: true,
+                ..t.clone()
+            })
+            .collect();
+        inner
+            .add_special_tokens(as_special)
+            .map_err(|e| anyhow::anyhow!("tokenizer.json's added tokens: {e}"))?;
         let ids = Ids::new(|t| inner.token_to_id(t), vocab_size, cfg, generation)?;
-        let specials = inner
-            .get_added_tokens_decoder()
+        let specials = added
             .into_iter()
-            .filter(|(_, t)| t.special)
             .map(|(id, tok)| SpecialToken {
                 text: tok.content,
                 id,
@@ -199,6 +219,54 @@ impl ModelTokenizer {
             max_token_bytes,
         ))
     }
+}
+
+/// A BPE model the engine computes: type BPE, no word-piece affixes or dropout, and every
+/// merge making a token of the vocabulary (checked as for GGUF merges).
+fn check_bpe_model(m: &Model) -> Result<()> {
+    let kind = m.kind.as_deref().unwrap_or("BPE");
+    ensure!(
+        kind == "BPE",
+        "tokenizer.json: model type {kind:?} is not supported (only BPE)"
+    );
+    for (key, set) in [
+        (
+            "continuing_subword_prefix",
+            m.continuing_subword_prefix.is_some(),
+        ),
+        ("end_of_word_suffix", m.end_of_word_suffix.is_some()),
+        ("dropout", m.dropout.is_some()),
+    ] {
+        ensure!(!set, "tokenizer.json: model.{key} is not supported");
+    }
+    for merge in &m.merges {
+        let joined = merge
+            .joined()
+            .context("tokenizer.json: a merge is not two tokens")?;
+        ensure!(
+            m.vocab.contains_key(&joined),
+            "tokenizer.json: the merge making {joined:?} makes a token that is not in model.vocab"
+        );
+    }
+    Ok(())
+}
+
+/// Ids the file names, as a count (the largest id + 1), bounded: what sizes the per-id
+/// tables and is compared with the model's embedding rows.
+fn id_count(file: &TokenizerFile) -> Result<usize> {
+    let added = file.added_tokens.iter().map(|a| &a.id);
+    let n = file
+        .model
+        .vocab
+        .values()
+        .chain(added)
+        .max()
+        .map_or(0, |&id| id as usize + 1);
+    ensure!(
+        n > 0 && n <= MAX_VOCAB as usize,
+        "tokenizer.json: the vocabulary has {n} ids (1 to {MAX_VOCAB} supported)"
+    );
+    Ok(n)
 }
 
 /// BOS, EOS and the other stop ids, from tokenizer_config.json and generation_config.json.
@@ -310,18 +378,9 @@ struct Vocabulary {
 impl Vocabulary {
     fn of(file: &TokenizerFile) -> Result<Self> {
         let m = &file.model;
+        check_bpe_model(m)?;
         let added = file.added_tokens.iter().map(|a| (&a.content, a.id));
-        let max = m
-            .vocab
-            .values()
-            .copied()
-            .chain(added.clone().map(|(_, id)| id))
-            .max();
-        let n = max.map_or(0, |id| id as usize + 1);
-        ensure!(
-            n > 0 && n <= MAX_VOCAB as usize,
-            "tokenizer.json: the vocabulary has {n} ids (1 to {MAX_VOCAB} supported)"
-        );
+        let n = id_count(file)?;
         let mut tokens: Vec<Option<String>> = vec![None; n];
         let vocab = m.vocab.iter().map(|(t, &id)| (t, id));
         for (text, id) in vocab.chain(added) {
@@ -436,8 +495,81 @@ mod tests {
         assert_eq!(ids, [1, 268, 3 + 0x21]);
         // As llama.cpp decodes: the space prefix comes off unless BOS leads.
         assert_eq!(t.decode(&ids[1..]).unwrap(), "hello!");
-        // Control-token text typed in content is text, never the control token.
-        assert!(!t.encode_plain("</s>").unwrap()[1..].contains(&2));
+        // Control-token text is the control token only where trusted text has it.
+        assert!(t.encode("</s>").unwrap().contains(&2));
+        assert!(!t.encode_plain("</s>").unwrap().contains(&2));
+    }
+
+    /// A byte-level tokenizer.json in miniature: tokens a, b, ab, <s>, </s>, with `<think>`
+    /// added as a non-special token (as Qwen's files do), and `model` fields merged in.
+    fn byte_level(model: Value) -> String {
+        let mut m = serde_json::json!({"type": "BPE", "merges": ["a b"],
+            "vocab": {"a": 0, "b": 1, "ab": 2, "<s>": 3, "</s>": 4, "<think>": 5}});
+        for (k, v) in model.as_object().unwrap() {
+            m[k] = v.clone();
+        }
+        let added = |id: u32, content: &str, special: bool| {
+            serde_json::json!({"id": id, "content": content, "special": special,
+                "single_word": false, "lstrip": false, "rstrip": false, "normalized": false})
+        };
+        serde_json::json!({
+            "added_tokens": [added(3, "<s>", true), added(4, "</s>", true),
+                             added(5, "<think>", false)],
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+                        "use_regex": true},
+            "model": m
+        })
+        .to_string()
+    }
+
+    fn from_json(json: &str) -> Result<ModelTokenizer> {
+        ModelTokenizer::from_hf(json.as_bytes(), &config(), &GenerationConfig::default())
+    }
+
+    #[test]
+    fn an_added_token_marked_not_special_is_still_never_matched_in_untrusted_text() {
+        let t = from_json(&byte_level(serde_json::json!({}))).unwrap();
+        assert_eq!(t.encode("<think>ab").unwrap(), [5, 2]);
+        assert!(!t.encode_plain("<think>ab").unwrap().contains(&5));
+    }
+
+    #[test]
+    fn hostile_bpe_models_are_refused_before_the_tokenizers_crate_builds_them() {
+        for (model, want) in [
+            (
+                serde_json::json!({"merges": ["ab b"]}),
+                "not in model.vocab",
+            ),
+            (
+                serde_json::json!({"continuing_subword_prefix": "##"}),
+                "continuing_subword_prefix",
+            ),
+            (serde_json::json!({"dropout": 0.1}), "dropout"),
+            (
+                serde_json::json!({"type": "WordPiece"}),
+                "model type \"WordPiece\"",
+            ),
+        ] {
+            let err = format!(
+                "{:#}",
+                from_json(&byte_level(model.clone()))
+                    .err()
+                    .expect("refused")
+            );
+            assert!(err.contains(want), "{model}: {err}");
+        }
+    }
+
+    /// A sparse vocabulary counts up to its largest id, so the loader's comparison with the
+    /// model's embedding rows sees every id the tokenizer can produce.
+    #[test]
+    fn the_vocabulary_size_is_the_largest_id_plus_one() {
+        let sparse = byte_level(serde_json::json!({"vocab": {"a": 0, "b": 1, "ab": 2,
+            "<s>": 3, "</s>": 4, "<think>": 5, "ba": 1000000}}));
+        assert_eq!(from_json(&sparse).unwrap().vocab_size, 1000001);
+        let huge = byte_level(serde_json::json!({"vocab": {"a": 0, "b": 1, "ab": 4000000000u32}}));
+        assert!(format!("{:#}", from_json(&huge).err().unwrap()).contains("ids (1 to"));
     }
 
     #[test]
