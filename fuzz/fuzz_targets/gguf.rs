@@ -26,6 +26,9 @@ fuzz_target!(|data: &[u8]| {
         }
         let _ = bulwark::model::arch::LlamaConfig::from_gguf(&g);
         // inspect reopens the same file: the path every user of `model inspect` takes.
-        let _ = bulwark::model::inspect(path);
+        // On its own thread: inspect builds a tokenizer (see on_own_thread).
+        bulwark_fuzz::on_own_thread(|| {
+            let _ = bulwark::model::inspect(path);
+        });
     }
 });

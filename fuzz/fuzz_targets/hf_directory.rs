@@ -98,14 +98,17 @@ fuzz_target!(|data: &[u8]| {
                 let _ = t.dequantize(&cpu);
             }
         }
-        let _ = bulwark::model::tokenizer::ModelTokenizer::from_hf(
-            &model.tokenizer_json,
-            &model.tokenizer_config,
-            &model.generation,
-        )
-        .map(|t| {
-            let ids = t.encode_plain("ab <s> c").unwrap_or_default();
-            let _ = t.decode(&ids);
+        // On its own thread: a tokenizer per input (see on_own_thread).
+        bulwark_fuzz::on_own_thread(|| {
+            let _ = bulwark::model::tokenizer::ModelTokenizer::from_hf(
+                &model.tokenizer_json,
+                &model.tokenizer_config,
+                &model.generation,
+            )
+            .map(|t| {
+                let ids = t.encode_plain("ab <s> c").unwrap_or_default();
+                let _ = t.decode(&ids);
+            });
         });
     }
     if let Some(weights) = parts.get(3) {

@@ -181,3 +181,15 @@ pub fn app_state() -> (Arc<AppState>, String) {
     });
     (state, key)
 }
+
+/// Run `f` on a new thread and wait for it; a panic in it is re-raised here (libFuzzer's
+/// panic hook reports it either way). Thread-local state `f` leaves behind dies with the
+/// thread: the tokenizers crate keeps a per-thread cache for every BPE tokenizer ever built
+/// and never frees it, which targets that build one tokenizer per input would accumulate.
+pub fn on_own_thread<F: FnOnce() + Send>(f: F) {
+    std::thread::scope(|s| {
+        if let Err(panic) = s.spawn(f).join() {
+            std::panic::resume_unwind(panic);
+        }
+    });
+}
