@@ -988,6 +988,47 @@ mod tests {
         );
     }
 
+    /// `model.files` replaces `model.sha256` for a directory: exactly one of them, plain file
+    /// names only, and no quantized weights (a directory has none); a table that passes is the
+    /// pin the loader checks.
+    #[test]
+    fn a_directory_is_pinned_by_files_alone() {
+        let sha = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+        let dir = |extra: &str, files: &str| {
+            base().replace(&format!("sha256 = \"{sha}\"\n"), extra)
+                + &format!("\n[model.files]\n{files}")
+        };
+        let ok = parse(&dir("", &format!("\"config.json\" = \"{sha}\"\n"))).unwrap();
+        assert!(matches!(ok.model.pin(), crate::model::pin::Pin::Files(f) if f.len() == 1));
+        assert_eq!(
+            ok.model.weights_on(&candle_core::Device::Cpu),
+            WeightFormat::F32
+        );
+        for (extra, files, want) in [
+            (
+                format!("sha256 = \"{sha}\"\n"),
+                format!("\"config.json\" = \"{sha}\"\n"),
+                "both set",
+            ),
+            (String::new(), String::new(), "model.files is empty"),
+            (
+                String::new(),
+                format!("\"../keys\" = \"{sha}\"\n"),
+                "not a plain file name",
+            ),
+            (
+                "weights = \"quantized\"\n".into(),
+                format!("\"config.json\" = \"{sha}\"\n"),
+                "needs a GGUF file",
+            ),
+        ] {
+            let err = format!("{:#}", parse(&dir(&extra, &files)).unwrap_err());
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        let neither = base().replace(&format!("sha256 = \"{sha}\"\n"), "");
+        assert!(format!("{:#}", parse(&neither).unwrap_err()).contains("is required"));
+    }
+
     #[test]
     fn bad_pin_is_named() {
         let s = base().replace(

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use candle_core::quantized::gguf_file::{Content, Value};
 
-pub use super::file::ModelFile;
+use super::file::ModelFile;
 
 /// Nesting of arrays in GGUF metadata followed by [`check_alignment`] (candle allows 64).
 const MAX_METADATA_DEPTH: usize = 64;
