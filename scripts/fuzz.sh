@@ -8,8 +8,10 @@
 # Environment: FUZZ_RUNS (run cap per target, default 10000000; 0 means no cap),
 # FUZZ_SANITIZER (none | address; default none: the parsers are safe Rust, and the campaign
 # needs the speed; debug assertions, overflow checks included, are on either way),
-# FUZZ_NO_DOCS=1 (print the table, leave docs/fuzzing.md alone).
-# Targets run one after the other, one process each (-jobs=1): the machine has 2 cores.
+# FUZZ_NO_DOCS=1 (print the table, leave docs/fuzzing.md alone), FUZZ_FORK (fuzzing processes
+# per target, default 1; N > 1 runs libFuzzer's -fork=N, whose parent counts the runs of all
+# its children against FUZZ_RUNS and merges what they find into the one corpus).
+# Targets run one after the other.
 # Exit status: 0 when no target crashed, 1 otherwise (crash inputs are in fuzz/artifacts/).
 set -euo pipefail
 
@@ -19,6 +21,7 @@ SECS=${1:-900}
 shift || true
 RUNS=${FUZZ_RUNS:-10000000}
 SAN=${FUZZ_SANITIZER:-none}
+FORK=${FUZZ_FORK:-1}
 ALL_TARGETS=(cluster_frame gguf tokenizer chat_template openai_api config audit_response hf_directory)
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=("${ALL_TARGETS[@]}")
@@ -43,6 +46,7 @@ for t in "${TARGETS[@]}"; do
           -rss_limit_mb=2048 -artifact_prefix="$ROOT/fuzz/artifacts/$t/"
           $(fuzz_target_args "$t"))
     [ "$RUNS" = 0 ] && args=("${args[@]:1}")
+    [ "$FORK" -gt 1 ] && args+=(-fork="$FORK")
     echo "== $t: up to ${SECS}s, ${RUNS} runs"
     start=$(date +%s)
     set +e
@@ -51,6 +55,9 @@ for t in "${TARGETS[@]}"; do
     set -e
     elapsed=$(( $(date +%s) - start ))
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+    # -fork: the parent prints no final stats; its last "#N:" line counts every child's runs,
+    # and "fuzzed for N iterations" is the count it stopped at.
+    [ -n "$execs" ] || execs=$(sed -n 's/^INFO: fuzzed for \([0-9]*\) iterations.*/\1/p' "$log" | tail -1)
     [ -n "$execs" ] || execs=$(grep -oE '^#[0-9]+' "$log" | tail -1 | tr -d '#')
     cov=$(grep -oE 'cov: [0-9]+' "$log" | tail -1 | cut -d' ' -f2)
     ft=$(grep -oE 'ft: [0-9]+' "$log" | tail -1 | cut -d' ' -f2)
@@ -83,7 +90,9 @@ COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 DIRTY=$(git status --porcelain -- engine sandbox firewall 2>/dev/null | head -1)
 [ -n "$DIRTY" ] && COMMIT="$COMMIT+changes"
 TABLE=$(
-    echo "### $DATE, engine at \`$COMMIT\`, ${SECS} s and ${RUNS} runs per target at most, sanitizer \`$SAN\`"
+    procs=""
+    [ "$FORK" -gt 1 ] && procs=", $FORK processes each (-fork=$FORK)"
+    echo "### $DATE, engine at \`$COMMIT\`, ${SECS} s and ${RUNS} runs per target at most$procs, sanitizer \`$SAN\`"
     echo
     echo "| target | executions | seconds | exec/s | cov | features | corpus after merge | crashes |"
     echo "|---|---:|---:|---:|---:|---:|---|---:|"
