@@ -23,7 +23,9 @@ pub fn load(
 ) -> Result<(ModelInfo, LlamaModel)> {
     let created = model.modified_secs();
     // INVARIANT: every file is hashed and compared with its pin before any parser sees it.
-    let mut parsed = ParsedModel::parse(model.verify(pin)?)?;
+    let verified = model.verify(pin)?;
+    let tripwire = verified.tripwire();
+    let mut parsed = ParsedModel::parse(verified)?;
     let cfg = parsed.config()?;
     let info = model_info(&parsed, name, created, context_length)?;
     let ctx = info.context_length;
@@ -46,6 +48,8 @@ pub fn load(
         }
     };
     let model = LlamaModel::load_stage(parsed.tensors(), cfg, stage, weights, device, ctx)?;
+    // INVARIANT: last, once every byte is read: the files read are the files hashed.
+    tripwire.check()?;
     Ok((info, model))
 }
 
@@ -103,7 +107,9 @@ pub fn load_worker_stage(
     device: &Device,
 ) -> Result<LlamaModel> {
     // INVARIANT: every file is hashed and compared with its pin before any parser sees it.
-    let mut parsed = ParsedModel::parse(model.verify(pin)?)?;
+    let verified = model.verify(pin)?;
+    let tripwire = verified.tripwire();
+    let mut parsed = ParsedModel::parse(verified)?;
     let cfg = parsed.config()?;
     anyhow::ensure!(
         layers.end <= cfg.n_layer,
@@ -118,7 +124,10 @@ pub fn load_worker_stage(
         layers,
         embed: false,
     };
-    LlamaModel::load_stage(parsed.tensors(), cfg, stage, weights, device, ctx)
+    let model = LlamaModel::load_stage(parsed.tensors(), cfg, stage, weights, device, ctx)?;
+    // INVARIANT: last, once every byte is read: the files read are the files hashed.
+    tripwire.check()?;
+    Ok(model)
 }
 
 fn context_window(configured: Option<usize>, cfg: &LlamaConfig) -> Result<usize> {

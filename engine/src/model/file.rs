@@ -1,9 +1,12 @@
 //! A model file held open by descriptor: opened with the privileges the server started with,
-//! hashed and parsed through the descriptor after confinement.
+//! hashed and parsed through the descriptor after confinement, and checked unchanged once the
+//! load is over (a [`Tripwire`]).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, ensure};
 use sha2::{Digest, Sha256};
@@ -19,16 +22,30 @@ const HASH_CHUNK_BYTES: usize = 1 << 20;
 /// user (a clone in /root), and Landlock needs no rule for it at all.
 pub struct ModelFile {
     pub path: PathBuf,
-    pub(super) file: File,
+    /// Shared with the [`Tripwire`] that checks the file after the load.
+    pub(super) file: Arc<File>,
+    /// The inode as it was when the file was opened, before it was hashed.
+    stamp: Stamp,
 }
 
 impl ModelFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = crate::files::open_regular(path, "model file")?;
+        let stamp = Stamp::of(&file, path)?;
         Ok(Self {
             path: path.to_owned(),
-            file,
+            file: Arc::new(file),
+            stamp,
         })
+    }
+
+    /// What a [`Tripwire`] needs to check this file later, through the same descriptor.
+    pub(super) fn watch(&self) -> Watched {
+        Watched {
+            path: self.path.clone(),
+            file: Arc::clone(&self.file),
+            stamp: self.stamp,
+        }
     }
 
     /// SHA-256 of the whole file, as lowercase hex; leaves the file positioned at its start.
@@ -91,7 +108,121 @@ impl ModelFile {
     }
 }
 
+/// What the inode says about a file's contents. Every write to a file, through a descriptor
+/// or a shared mapping, sets its ctime to the current time, and no process without the power
+/// to set the system clock can set a ctime back (`utimensat` sets mtime and atime, and moves
+/// ctime to now).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(file: &File, path: &Path) -> Result<Self> {
+        let m = file
+            .metadata()
+            .with_context(|| format!("reading the metadata of {}", path.display()))?;
+        Ok(Self {
+            len: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+/// One file a [`Tripwire`] watches.
+pub(super) struct Watched {
+    path: PathBuf,
+    file: Arc<File>,
+    stamp: Stamp,
+}
+
+/// Checks, once a model is loaded, that none of its files changed after it was opened: the
+/// pins were compared with the bytes as they were when hashed, and the parsers read the files
+/// again afterwards through the same descriptors, so a file rewritten in between (by anyone
+/// with write access to it) would be loaded unpinned.
+///
+/// Limit: filesystem timestamps advance in clock ticks (a few milliseconds on kernels before
+/// 6.13), so a write in the very tick of a change made just before the file was opened leaves
+/// the ctime as it was. Keep the files writable by no one the server must not trust.
+pub struct Tripwire(pub(super) Vec<Watched>);
+
+impl Tripwire {
+    /// Fail naming the first file whose size, mtime or ctime moved since it was opened.
+    pub fn check(&self) -> Result<()> {
+        for w in &self.0 {
+            let now = Stamp::of(&w.file, &w.path)?;
+            ensure!(
+                now == w.stamp,
+                "model file {} changed while the model was loaded (its size or times moved \
+                 after it was opened and hashed); refusing to serve what may not match its pin",
+                w.path.display()
+            );
+        }
+        Ok(())
+    }
+}
+
 /// SHA-256 of a regular file.
 pub fn sha256_file(path: &Path) -> Result<crate::digest::Sha256> {
     ModelFile::open(path)?.sha256()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::time::Duration;
+
+    /// Longer than one filesystem timestamp tick (10 ms at HZ=100), so that a write in the
+    /// test moves the ctime.
+    const PAST_ONE_TICK: Duration = Duration::from_millis(50);
+
+    /// A file of `bytes`, opened, hashed, and watched by a tripwire; then one tick passes.
+    fn hashed_and_watched(bytes: &[u8]) -> (tempfile::TempDir, PathBuf, ModelFile, Tripwire) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.gguf");
+        std::fs::write(&path, bytes).unwrap();
+        let mut file = ModelFile::open(&path).unwrap();
+        let tripwire = Tripwire(vec![file.watch()]);
+        file.sha256().unwrap();
+        std::thread::sleep(PAST_ONE_TICK);
+        (dir, path, file, tripwire)
+    }
+
+    #[test]
+    fn a_file_only_read_passes_the_tripwire() {
+        let (_dir, _path, mut file, tripwire) = hashed_and_watched(b"weights");
+        assert_eq!(file.read_all(100).unwrap(), b"weights");
+        tripwire.check().unwrap();
+    }
+
+    #[test]
+    fn a_file_rewritten_in_place_after_hashing_trips_it() {
+        let (_dir, path, _file, tripwire) = hashed_and_watched(b"weights");
+        // Same length, same mtime put back: only the ctime can tell.
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let mut w = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        w.write_all(b"WEIGHTS").unwrap();
+        w.set_modified(mtime).unwrap();
+        drop(w);
+        let err = tripwire.check().unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("changed while the model was loaded"), "{err}");
+    }
+
+    #[test]
+    fn a_file_grown_after_hashing_trips_it() {
+        let (_dir, path, _file, tripwire) = hashed_and_watched(b"weights");
+        let mut w = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        w.write_all(b" and more").unwrap();
+        drop(w);
+        let err = tripwire.check().unwrap_err().to_string();
+        assert!(err.contains("changed while the model was loaded"), "{err}");
+    }
 }

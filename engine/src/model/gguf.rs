@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -148,7 +149,7 @@ fn read_len(r: &mut impl Read, long: bool) -> std::io::Result<u64> {
 pub struct GgufFile {
     pub path: PathBuf,
     pub content: Content,
-    reader: BufReader<File>,
+    reader: BufReader<Arc<File>>,
 }
 
 impl super::TensorSource for GgufFile {
@@ -175,8 +176,8 @@ impl GgufFile {
     }
 
     pub(super) fn parse(file: ModelFile) -> Result<Self> {
-        let ModelFile { path, file } = file;
-        let mut reader = BufReader::new(file);
+        let path = file.path.clone();
+        let mut reader = BufReader::new(file.file);
         // INVARIANT: candle's reader divides by `general.alignment`; it is checked first.
         check_alignment(&mut reader)
             .with_context(|| format!("{} is not a readable GGUF file", path.display()))?;

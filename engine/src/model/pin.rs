@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use sha2::Digest;
 
-use super::file::ModelFile;
+use super::file::{ModelFile, Tripwire};
 use crate::digest::Sha256;
 
 /// The configured pin of the model's bytes.
@@ -134,6 +134,16 @@ impl OpenedModel {
 
 /// An opened model whose every file matched its pin.
 pub struct VerifiedModel(pub OpenedModel);
+
+impl VerifiedModel {
+    /// A check, for the end of the load, that every file still is as it was when opened.
+    pub fn tripwire(&self) -> Tripwire {
+        Tripwire(match &self.0 {
+            OpenedModel::Gguf(f) => vec![f.watch()],
+            OpenedModel::Directory { files, .. } => files.values().map(ModelFile::watch).collect(),
+        })
+    }
+}
 
 fn check(file: &mut ModelFile, want: &Sha256, key: &str) -> Result<()> {
     let actual = file.sha256()?;
