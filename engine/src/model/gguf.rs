@@ -36,6 +36,41 @@ fn check_alignment<R: Read + Seek>(r: &mut R) -> Result<()> {
     }
 }
 
+/// A reader that keeps count of its own position. candle's GGUF reader asks for the position
+/// before every string it reads (to bound the string by the bytes left), and a `BufReader`
+/// answers that with an `lseek` system call: two for each token of the vocabulary (its text
+/// and its merge), 300,000 for a 150,000-token model.
+struct Positioned<R> {
+    inner: R,
+    pos: u64,
+}
+
+impl<R: Seek> Positioned<R> {
+    fn new(mut inner: R) -> std::io::Result<Self> {
+        let pos = inner.stream_position()?;
+        Ok(Self { inner, pos })
+    }
+}
+
+impl<R: Read> Read for Positioned<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: Seek> Seek for Positioned<R> {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        self.pos = self.inner.seek(to)?;
+        Ok(self.pos)
+    }
+
+    fn stream_position(&mut self) -> std::io::Result<u64> {
+        Ok(self.pos)
+    }
+}
+
 /// Longest key read in full by the walk (longer ones cannot be `general.alignment`).
 const MAX_KEY_READ: u64 = 256;
 
@@ -149,7 +184,7 @@ fn read_len(r: &mut impl Read, long: bool) -> std::io::Result<u64> {
 pub struct GgufFile {
     pub path: PathBuf,
     pub content: Content,
-    reader: BufReader<Arc<File>>,
+    reader: Positioned<BufReader<Arc<File>>>,
 }
 
 impl super::TensorSource for GgufFile {
@@ -177,7 +212,8 @@ impl GgufFile {
 
     pub(super) fn parse(file: ModelFile) -> Result<Self> {
         let path = file.path.clone();
-        let mut reader = BufReader::new(file.file);
+        let mut reader = Positioned::new(BufReader::new(file.file))
+            .with_context(|| format!("reading {}", path.display()))?;
         // INVARIANT: candle's reader divides by `general.alignment`; it is checked first.
         check_alignment(&mut reader)
             .with_context(|| format!("{} is not a readable GGUF file", path.display()))?;
@@ -248,6 +284,28 @@ impl GgufFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positioned_reader_counts_as_the_file_does() {
+        let bytes: Vec<u8> = (0..=255).cycle().take(100_000).collect();
+        let mut file = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut file, &bytes).unwrap();
+        file.seek(SeekFrom::Start(7)).unwrap();
+        let mut r = Positioned::new(BufReader::with_capacity(64, Arc::new(file))).unwrap();
+        let mut buf = vec![0u8; 1000];
+        r.read_exact(&mut buf[..100]).unwrap();
+        assert_eq!(r.stream_position().unwrap(), 107);
+        assert_eq!(buf[0], 7);
+        r.seek(SeekFrom::Current(-50)).unwrap();
+        r.read_exact(&mut buf).unwrap();
+        assert_eq!(r.stream_position().unwrap(), 1057);
+        assert_eq!(buf[0], 57);
+        assert_eq!(r.seek(SeekFrom::End(-10)).unwrap(), 99_990);
+        assert_eq!(r.read(&mut buf).unwrap(), 10);
+        assert_eq!(r.read(&mut buf).unwrap(), 0);
+        assert_eq!(r.stream_position().unwrap(), 100_000);
+        assert_eq!(r.inner.stream_position().unwrap(), 100_000);
+    }
 
     /// Found by the gguf fuzz target: `general.alignment = 0` (a u8 here) made candle's reader
     /// divide by zero, a panic in `model inspect` and `init` instead of an error.
