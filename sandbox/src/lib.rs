@@ -13,9 +13,10 @@
 //! - Landlock (ABI pinned in [`LANDLOCK_ABI`]): every file-system right is handled, so only the
 //!   paths listed in [`Policy::fs`] are reachable; TCP bind and connect are handled, so only the
 //!   listed ports are; abstract Unix sockets and signals are scoped to the sandbox.
-//! - seccomp: an allowlist per thread category ([`seccomp`]), default action kill-process,
-//!   with argument conditions on `socket` (families), `ioctl` (requests), `clone` (threads
-//!   only), `mmap`/`mprotect` (never executable) and `prctl` (thread names only).
+//! - seccomp: an allowlist per thread category ([`seccomp`]), default action a trap that
+//!   names the call and ends the process, with argument conditions on `socket` (families),
+//!   `ioctl` (requests), `clone` (threads only), `mmap`/`mprotect` (never executable) and
+//!   `prctl` (thread names and `no_new_privs` only).
 //! - `no_new_privs`; the capability bounding set, ambient, inheritable, permitted and effective
 //!   sets emptied; when started as root, a switch to the configured user and group.
 //!
@@ -75,9 +76,10 @@ pub struct Policy {
     pub user: Option<UserSwitch>,
     /// Whether a kernel that cannot enforce everything is an error (the default) or a warning.
     pub enforcement: Enforcement,
-    /// Replace seccomp's kill action by logging (debugging escape hatch; reported loudly).
+    /// Replace seccomp's trap-and-die action by logging (debugging escape hatch; reported
+    /// loudly).
     pub seccomp_log_only: bool,
-    /// Add the entries a CUDA process needs (unverified until run on a GPU).
+    /// Add the entries a CUDA process needs (run confined on an H100: docs/seccomp.md).
     pub gpu: bool,
 }
 
@@ -134,7 +136,7 @@ pub enum LandlockStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SeccompStatus {
-    /// Report it and kill the process (`SIGSYS`).
+    /// Report it and end the process (`SIGSYS`).
     Enforced,
     /// Log it and let it run (`sandbox.seccomp_log_only`, for finding a missing entry).
     LogOnly,

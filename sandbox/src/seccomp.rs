@@ -7,8 +7,9 @@
 //!   cannot even accept or send.
 //!
 //! Filters stack: a call must be allowed by every filter of the thread. The default action is
-//! to kill the whole process (`SECCOMP_RET_KILL_PROCESS`), so a missing entry shows up as a
-//! crash in tests rather than as silently weaker confinement.
+//! a trap (`SECCOMP_RET_TRAP`): the SIGSYS handler names the call in the log and the process
+//! dies of SIGSYS, so a missing entry shows up as a crash in tests rather than as silently
+//! weaker confinement.
 //!
 //! `clone3` passes the allowlist but a second filter answers it with `ENOSYS`: its flags live
 //! in a struct that seccomp cannot inspect, and glibc falls back to `clone`, whose flags we can

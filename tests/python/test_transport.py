@@ -70,6 +70,7 @@ def test_slow_headers_are_cut_off(make_server):
 
 def test_connection_limit_answers_503_naming_it(make_server):
     srv = make_server("[limits]\nmax_connections = 2\n")
+    refused = 'bulwark_responses_total{status="503",reason="limits.max_connections"}'
     ctx = srv.ssl_context()
     held = []
     for _ in range(2):
@@ -80,6 +81,7 @@ def test_connection_limit_answers_503_naming_it(make_server):
     assert r.status_code == 503
     assert r.headers["retry-after"] == "1"
     assert "limits.max_connections" in r.json()["error"]["message"]
+    assert metric(srv, refused) == 1
     for s in held:
         s.close()
     time.sleep(0.3)

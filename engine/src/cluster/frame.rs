@@ -12,8 +12,12 @@ use anyhow::{Context, Result, bail, ensure};
 /// Version of this protocol; both sides must speak the same one.
 pub const PROTOCOL_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 8;
-/// Largest frame accepted before the handshake has agreed on limits (a Hello is 62 bytes).
+/// Largest frame accepted before the handshake has agreed on limits (a Hello is
+/// [`HELLO_LEN`] bytes).
 pub const HANDSHAKE_MAX_FRAME: usize = 1024;
+/// Bytes of an encoded [`Hello`]: version 2, model digest 32, layers 4 + 4, last 1, dtype 1,
+/// four u32 dimensions and limits 16.
+pub const HELLO_LEN: usize = 60;
 /// Ceiling on any frame whatever the handshake agrees: bounds one allocation (256 MiB).
 pub const MAX_FRAME_CEILING: usize = 256 << 20;
 /// Longest refusal or failure reason carried (they are logged, never interpreted).
@@ -169,7 +173,7 @@ pub struct Hello {
 
 impl Hello {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(62);
+        let mut out = Vec::with_capacity(HELLO_LEN);
         out.extend_from_slice(&self.version.to_le_bytes());
         out.extend_from_slice(&self.model_sha256);
         out.extend_from_slice(&self.layers.0.to_le_bytes());
@@ -427,6 +431,7 @@ mod tests {
     #[test]
     fn hello_round_trips_and_names_mismatches() {
         let h = hello();
+        assert_eq!(h.encode().len(), HELLO_LEN);
         assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
         let mut other = h.clone();
         other.model_sha256 = [8; 32];

@@ -175,8 +175,6 @@ impl Admission {
 
     pub fn admit(&self, tcp: TcpStream, peer: SocketAddr) -> Option<Admitted> {
         let Some(source) = self.per_source.try_open(peer.ip(), self.max_per_source) else {
-            self.metrics
-                .count_response(503, "limits.max_connections_per_source");
             self.refuse(tcp, "limits.max_connections_per_source");
             return None;
         };
@@ -190,8 +188,10 @@ impl Admission {
         })
     }
 
-    /// Over a limit: one 503 naming it, bounded in number and time, or a plain drop.
+    /// Over a limit: one 503 naming it, bounded in number and time, or a plain drop; counted
+    /// either way.
     fn refuse(&self, tcp: TcpStream, what: &'static str) {
+        self.metrics.count_response(503, what);
         if let Ok(p) = self.overlimit.clone().try_acquire_owned() {
             let acceptor = self.acceptor.clone();
             tokio::spawn(async move {
