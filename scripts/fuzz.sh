@@ -9,8 +9,9 @@
 # FUZZ_SANITIZER (none | address; default none: the parsers are safe Rust, and the campaign
 # needs the speed; debug assertions, overflow checks included, are on either way),
 # FUZZ_NO_DOCS=1 (print the table, leave docs/fuzzing.md alone), FUZZ_PROCS (fuzzing
-# processes per target, default 1; N > 1 runs libFuzzer's -jobs=N -workers=N: N whole fuzzers
-# sharing the corpus directory, each with an Nth of FUZZ_RUNS, their counts summed).
+# processes per target, default 1; N > 1 runs libFuzzer's -fork=N: N child fuzzers at a time,
+# each on a slice of the corpus, whose runs the parent counts against FUZZ_RUNS and whose
+# finds it merges into the corpus).
 # Targets run one after the other.
 set -euo pipefail
 
@@ -44,36 +45,25 @@ for t in "${TARGETS[@]}"; do
     args=(-max_total_time="$SECS" -print_final_stats=1 -timeout=10
           -rss_limit_mb=2048 -artifact_prefix="$ROOT/fuzz/artifacts/$t/"
           $(fuzz_target_args "$t"))
-    [ "$RUNS" = 0 ] || args+=(-runs="$(( (RUNS + PROCS - 1) / PROCS ))")
+    [ "$RUNS" = 0 ] || args+=(-runs="$RUNS")
+    [ "$PROCS" -gt 1 ] && args+=(-fork="$PROCS")
     echo "== $t: up to ${SECS}s, ${RUNS} runs, $PROCS process(es)"
     start=$(date +%s)
     set +e
-    if [ "$PROCS" -gt 1 ]; then
-        # libFuzzer writes worker i's output to fuzz-i.log in the current directory.
-        rm -rf "$LOGDIR/$t.procs" && mkdir -p "$LOGDIR/$t.procs"
-        (cd "$LOGDIR/$t.procs" && "$BIN/$t" "${args[@]}" -jobs="$PROCS" -workers="$PROCS" \
-            "$corpus" >"$log" 2>&1)
-        rc=$?
-        logs=("$LOGDIR/$t.procs"/fuzz-*.log)
-    else
-        "$BIN/$t" "${args[@]}" "$corpus" >"$log" 2>&1
-        rc=$?
-        logs=("$log")
-    fi
+    "$BIN/$t" "${args[@]}" "$corpus" >"$log" 2>&1
+    rc=$?
     set -e
     elapsed=$(( $(date +%s) - start ))
-    execs=0 cov=0 ft=0 crashes=0
-    for l in "${logs[@]}"; do
-        n=$(sed -n 's/^stat::number_of_executed_units: *//p' "$l" | tail -1)
-        [ -n "$n" ] || n=$(grep -oE '^#[0-9]+' "$l" | tail -1 | tr -d '#')
-        c=$(grep -oE 'cov: [0-9]+' "$l" | tail -1 | cut -d' ' -f2)
-        f=$(grep -oE 'ft: [0-9]+' "$l" | tail -1 | cut -d' ' -f2)
-        execs=$(( execs + ${n:-0} ))
-        [ "${c:-0}" -gt "$cov" ] && cov=$c
-        [ "${f:-0}" -gt "$ft" ] && ft=$f
-        # libFuzzer stops at the first crash, leak, timeout or OOM and writes its input.
-        crashes=$(( crashes + $(grep -c 'Test unit written to' "$l" || true) ))
-    done
+    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+    # -fork: the parent prints no final stats; "fuzzed for N iterations" is the count of every
+    # child's runs it stopped at, else its last "#N:" line.
+    [ -n "$execs" ] || execs=$(sed -n 's/^INFO: fuzzed for \([0-9]*\) iterations.*/\1/p' "$log" | tail -1)
+    [ -n "$execs" ] || execs=$(grep -oE '^#[0-9]+' "$log" | tail -1 | tr -d '#')
+    cov=$(grep -oE 'cov: [0-9]+' "$log" | tail -1 | cut -d' ' -f2)
+    ft=$(grep -oE 'ft: [0-9]+' "$log" | tail -1 | cut -d' ' -f2)
+    # libFuzzer stops at the first crash, leak, timeout or OOM and writes its input (under
+    # -fork the parent prints the crashed child's log).
+    crashes=$(grep -c 'Test unit written to' "$log" || true)
     [ "$rc" -ne 0 ] && [ "$crashes" = 0 ] && crashes=1
     # Minimise the corpus in place: keep only inputs that add coverage, cut to the committed size.
     min=$(mktemp -d)
@@ -89,7 +79,7 @@ for t in "${TARGETS[@]}"; do
     rate=$(( ${execs:-0} / (elapsed > 0 ? elapsed : 1) ))
     if [ "$crashes" != 0 ]; then
         FAILED=1
-        echo "!! $t crashed: $(cat "${logs[@]}" | grep -oE "$ROOT/fuzz/artifacts/$t/[a-z]+-[0-9a-f]+" | tail -1)"
+        echo "!! $t crashed: $(grep -oE "$ROOT/fuzz/artifacts/$t/[a-z]+-[0-9a-f]+" "$log" | tail -1)"
     fi
     row="| \`$t\` | ${execs:-0} | ${elapsed} | ${rate} | ${cov:-?} | ${ft:-?} | ${files} files, ${kb} KiB | ${crashes} |"
     echo "$row"
@@ -102,7 +92,7 @@ DIRTY=$(git status --porcelain -- engine sandbox firewall 2>/dev/null | head -1)
 [ -n "$DIRTY" ] && COMMIT="$COMMIT+changes"
 TABLE=$(
     procs=""
-    [ "$PROCS" -gt 1 ] && procs=", $PROCS processes per target (-jobs=$PROCS, runs summed)"
+    [ "$PROCS" -gt 1 ] && procs=", $PROCS processes per target (-fork=$PROCS)"
     echo "### $DATE, engine at \`$COMMIT\`, ${SECS} s and ${RUNS} runs per target at most$procs, sanitizer \`$SAN\`"
     echo
     echo "| target | executions | seconds | exec/s | cov | features | corpus after merge | crashes |"

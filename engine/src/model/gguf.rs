@@ -69,6 +69,17 @@ impl<R: Seek> Seek for Positioned<R> {
     fn stream_position(&mut self) -> std::io::Result<u64> {
         Ok(self.pos)
     }
+
+    /// Forwarded, not left to the default (a `seek`): `BufReader` keeps its buffer for a
+    /// relative seek inside it, and the metadata walk skips every value this way.
+    fn seek_relative(&mut self, offset: i64) -> std::io::Result<()> {
+        let to = self.pos.checked_add_signed(offset).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek out of range")
+        })?;
+        self.inner.seek_relative(offset)?;
+        self.pos = to;
+        Ok(())
+    }
 }
 
 /// Longest key read in full by the walk (longer ones cannot be `general.alignment`).
@@ -300,6 +311,16 @@ mod tests {
         r.read_exact(&mut buf).unwrap();
         assert_eq!(r.stream_position().unwrap(), 1057);
         assert_eq!(buf[0], 57);
+        // A short relative seek stays inside the buffer: no system call.
+        r.read_exact(&mut buf[..1]).unwrap();
+        assert!(r.inner.buffer().len() > 10);
+        r.seek_relative(10).unwrap();
+        assert!(!r.inner.buffer().is_empty(), "the buffer was dropped");
+        assert_eq!(r.stream_position().unwrap(), 1068);
+        r.read_exact(&mut buf[..1]).unwrap();
+        assert_eq!(buf[0], (1068 % 256) as u8);
+        assert!(r.seek_relative(-5000).is_err());
+        assert_eq!(r.stream_position().unwrap(), 1069);
         assert_eq!(r.seek(SeekFrom::End(-10)).unwrap(), 99_990);
         assert_eq!(r.read(&mut buf).unwrap(), 10);
         assert_eq!(r.read(&mut buf).unwrap(), 0);
