@@ -106,7 +106,8 @@ pub enum SandboxCommand {
     /// Print the seccomp allowlists as JSON: per thread category, every allowed system call
     /// with its number, its argument condition and the reason it is needed.
     Allowlist {
-        /// The lists of a CUDA build (a few more calls for the driver).
+        /// The lists of a server on a GPU (`engine.device = "cuda:N"`): a few more calls for
+        /// the driver.
         #[arg(long)]
         gpu: bool,
     },

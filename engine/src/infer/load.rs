@@ -6,7 +6,7 @@ use candle_core::Device;
 
 use super::models::llama::{LlamaModel, StageSpec};
 use crate::model::arch::{LlamaConfig, WeightFormat};
-use crate::model::pin::{OpenedModel, Pin};
+use crate::model::pin::{OpenedModel, Pin, VerifiedModel};
 use crate::model::template::ChatTemplate;
 use crate::model::{ModelInfo, ParsedModel};
 
@@ -25,6 +25,30 @@ pub fn load(
     // INVARIANT: every file is hashed and compared with its pin before any parser sees it.
     let verified = model.verify(pin)?;
     let tripwire = verified.tripwire();
+    let loaded = load_verified(
+        verified,
+        name,
+        created,
+        context_length,
+        weights,
+        device,
+        head_layers,
+    );
+    // INVARIANT: once every byte is read, and before any error of the load is reported (a
+    // file changed under the loader explains what it met): the files read are those hashed.
+    tripwire.check()?;
+    loaded
+}
+
+fn load_verified(
+    verified: VerifiedModel,
+    name: &str,
+    created: u64,
+    context_length: Option<usize>,
+    weights: WeightFormat,
+    device: &Device,
+    head_layers: Option<std::ops::Range<usize>>,
+) -> Result<(ModelInfo, LlamaModel)> {
     let mut parsed = ParsedModel::parse(verified)?;
     let cfg = parsed.config()?;
     let info = model_info(&parsed, name, created, context_length)?;
@@ -48,8 +72,6 @@ pub fn load(
         }
     };
     let model = LlamaModel::load_stage(parsed.tensors(), cfg, stage, weights, device, ctx)?;
-    // INVARIANT: last, once every byte is read: the files read are the files hashed.
-    tripwire.check()?;
     Ok((info, model))
 }
 
@@ -109,6 +131,19 @@ pub fn load_worker_stage(
     // INVARIANT: every file is hashed and compared with its pin before any parser sees it.
     let verified = model.verify(pin)?;
     let tripwire = verified.tripwire();
+    let loaded = load_verified_stage(verified, layers, context_length, weights, device);
+    // INVARIANT: as in `load`, checked last and before any error of the load is reported.
+    tripwire.check()?;
+    loaded
+}
+
+fn load_verified_stage(
+    verified: VerifiedModel,
+    layers: std::ops::Range<usize>,
+    context_length: Option<usize>,
+    weights: WeightFormat,
+    device: &Device,
+) -> Result<LlamaModel> {
     let mut parsed = ParsedModel::parse(verified)?;
     let cfg = parsed.config()?;
     anyhow::ensure!(
@@ -124,10 +159,7 @@ pub fn load_worker_stage(
         layers,
         embed: false,
     };
-    let model = LlamaModel::load_stage(parsed.tensors(), cfg, stage, weights, device, ctx)?;
-    // INVARIANT: last, once every byte is read: the files read are the files hashed.
-    tripwire.check()?;
-    Ok(model)
+    LlamaModel::load_stage(parsed.tensors(), cfg, stage, weights, device, ctx)
 }
 
 fn context_window(configured: Option<usize>, cfg: &LlamaConfig) -> Result<usize> {

@@ -26,6 +26,8 @@ pub struct ModelFile {
     pub(super) file: Arc<File>,
     /// The inode as it was when the file was opened, before it was hashed.
     stamp: Stamp,
+    /// The SHA-256 the whole file had when it was hashed and matched its pin.
+    verified: Option<crate::digest::Sha256>,
 }
 
 impl ModelFile {
@@ -36,7 +38,13 @@ impl ModelFile {
             path: path.to_owned(),
             file: Arc::new(file),
             stamp,
+            verified: None,
         })
+    }
+
+    /// Record that the file's bytes, hashed now, matched the pin `sha`.
+    pub(super) fn set_verified(&mut self, sha: crate::digest::Sha256) {
+        self.verified = Some(sha);
     }
 
     /// What a [`Tripwire`] needs to check this file later, through the same descriptor.
@@ -96,7 +104,10 @@ impl ModelFile {
         Ok(buf)
     }
 
-    /// The whole file when it is at most `max` bytes (JSON files of a model directory).
+    /// The whole file when it is at most `max` bytes (JSON files of a model directory). For a
+    /// verified file these very bytes are hashed again and compared with the pin: what is
+    /// parsed is what was pinned, whatever happened to the file since (a shared writable
+    /// mapping changes a file without moving its times, see [`Tripwire`]).
     pub fn read_all(&mut self, max: u64) -> Result<Vec<u8>> {
         let len = self.byte_len()?;
         ensure!(
@@ -104,14 +115,23 @@ impl ModelFile {
             "{} is {len} bytes, more than the {max} allowed for it",
             self.path.display()
         );
-        self.read_at(0, len as usize)
+        let bytes = self.read_at(0, len as usize)?;
+        if let Some(want) = self.verified {
+            let read = crate::digest::Sha256(Sha256::digest(&bytes).into());
+            ensure!(
+                read == want,
+                "model file {} changed after it was hashed (its bytes now have SHA-256 {read}, \
+                 not the pinned {want}); refusing to parse it",
+                self.path.display()
+            );
+        }
+        Ok(bytes)
     }
 }
 
-/// What the inode says about a file's contents. Every write to a file, through a descriptor
-/// or a shared mapping, sets its ctime to the current time, and no process without the power
-/// to set the system clock can set a ctime back (`utimensat` sets mtime and atime, and moves
-/// ctime to now).
+/// What the inode says about a file's contents. A `write` or `truncate` sets the file's mtime
+/// and ctime to the current time, and no process without the power to set the system clock
+/// can set a ctime back (`utimensat` sets mtime and atime, and moves ctime to now).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stamp {
     len: u64,
@@ -144,9 +164,19 @@ pub(super) struct Watched {
 /// again afterwards through the same descriptors, so a file rewritten in between (by anyone
 /// with write access to it) would be loaded unpinned.
 ///
-/// Limit: filesystem timestamps advance in clock ticks (a few milliseconds on kernels before
-/// 6.13), so a write in the very tick of a change made just before the file was opened leaves
-/// the ctime as it was. Keep the files writable by no one the server must not trust.
+/// What it cannot see, and so what keeping the files writable by no one the server must not
+/// trust still matters for (the NixOS module serves them from the read-only store):
+/// - stores through a shared writable mapping made before the file was opened: the kernel
+///   moves the times when a store dirties a clean page, not at every store, and on tmpfs
+///   never again after the first;
+/// - a write in the very clock tick of a change made just before the opening (timestamps
+///   advance in ticks of a few milliseconds on kernels before 6.13);
+/// - filesystems that report times of their own making (FUSE, network filesystems).
+///
+/// The JSON files of a directory (configuration, tokenizer, chat template) do not depend on
+/// it: [`ModelFile::read_all`] hashes the bytes it parses. What it guards is the weights and a
+/// GGUF file's header, read in pieces. A change of metadata alone (`chmod`, a new hard link)
+/// moves the ctime too, and is refused the same way.
 pub struct Tripwire(pub(super) Vec<Watched>);
 
 impl Tripwire {
@@ -187,7 +217,8 @@ mod tests {
         std::fs::write(&path, bytes).unwrap();
         let mut file = ModelFile::open(&path).unwrap();
         let tripwire = Tripwire(vec![file.watch()]);
-        file.sha256().unwrap();
+        let sha = file.sha256().unwrap();
+        file.set_verified(sha);
         std::thread::sleep(PAST_ONE_TICK);
         (dir, path, file, tripwire)
     }
@@ -224,5 +255,17 @@ mod tests {
         drop(w);
         let err = tripwire.check().unwrap_err().to_string();
         assert!(err.contains("changed while the model was loaded"), "{err}");
+    }
+
+    #[test]
+    fn a_verified_file_is_parsed_only_as_it_was_hashed() {
+        let (_dir, path, mut file, _tripwire) = hashed_and_watched(b"{\"a\": 1}");
+        assert_eq!(file.read_all(100).unwrap(), b"{\"a\": 1}");
+        // Rewritten by any means after the hash (here a plain write): the bytes read are
+        // hashed again, so no change of times is needed to see it.
+        std::fs::write(&path, b"{\"a\": 2}").unwrap();
+        let err = file.read_all(100).unwrap_err().to_string();
+        assert!(err.contains("changed after it was hashed"), "{err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
     }
 }

@@ -153,6 +153,7 @@ fn check(file: &mut ModelFile, want: &Sha256, key: &str) -> Result<()> {
          refusing to load it",
         file.path.display()
     );
+    file.set_verified(actual);
     Ok(())
 }
 
