@@ -189,6 +189,7 @@ fn load_layers(
     cfg: &LlamaConfig,
     format: WeightFormat,
     device: &Device,
+    max_seq_len: usize,
 ) -> Result<Layers> {
     if format == WeightFormat::Quantized && device.is_cpu() {
         let shape = Shape::of(cfg);
@@ -210,7 +211,10 @@ fn load_layers(
             }
         }
         if packed.len() == stage.layers.len() {
-            return Ok(Layers::Packed(packed));
+            return Ok(Layers::Packed {
+                layers: packed,
+                rope: RopeTable::new(cfg, max_seq_len),
+            });
         }
     }
     let blocks = stage
@@ -218,7 +222,8 @@ fn load_layers(
         .clone()
         .map(|i| Block::load(src, i, cfg, format, device))
         .collect::<Result<Vec<_>>>()?;
-    Ok(Layers::Tensors(blocks))
+    let (cos, sin) = rope_tensors(cfg, max_seq_len, device)?;
+    Ok(Layers::Tensors { blocks, cos, sin })
 }
 
 /// The final norm and LM head, on the packed path when the layers are and the kernels take
@@ -331,12 +336,21 @@ fn load_ends(
     Ok((embed, Some(head)))
 }
 
-/// The layers this instance runs, in one of two paths.
+/// The layers this instance runs, in one of two paths, with the rotary tables of that path
+/// (each computes the rotations its own way, so only one of the two forms is built).
 enum Layers {
-    /// candle's operations on tensors: every device and weight format.
-    Tensors(Vec<Block>),
+    /// candle's operations on tensors: every device and weight format. `cos` and `sin` of
+    /// every position's angles, `[max_seq_len, head_dim / 2]`.
+    Tensors {
+        blocks: Vec<Block>,
+        cos: Tensor,
+        sin: Tensor,
+    },
     /// Quantized weights on the CPU through the `kernels` crate (see `packed`).
-    Packed(Vec<PackedLayer>),
+    Packed {
+        layers: Vec<PackedLayer>,
+        rope: RopeTable,
+    },
 }
 
 /// The final norm and LM head, in the path of the layers before them.
@@ -454,11 +468,6 @@ pub struct LlamaModel {
     stage: StageSpec,
     /// Final norm and LM head, on the last stage only.
     head: Option<Head>,
-    /// Rotary tables of the tensor path, `[max_seq_len, head_dim / 2]`.
-    cos: Tensor,
-    sin: Tensor,
-    /// Rotary angles of the packed path.
-    rope: RopeTable,
     max_seq_len: usize,
     device: Device,
     pub weight_format: WeightFormat,
@@ -494,15 +503,10 @@ impl LlamaModel {
             stage.layers,
             cfg.n_layer
         );
-        let layers = load_layers(src, &stage, &cfg, format, device)?;
-        let packed = matches!(layers, Layers::Packed(_));
+        let layers = load_layers(src, &stage, &cfg, format, device, max_seq_len)?;
+        let packed = matches!(layers, Layers::Packed { .. });
         let (embed, head) = load_ends(src, &stage, &cfg, format, packed, device)?;
-        let (cos, sin) = rope_tensors(&cfg, max_seq_len, device)?;
-        let rope = RopeTable::new(&cfg, if packed { max_seq_len } else { 0 });
         Ok(Self {
-            cos,
-            sin,
-            rope,
             max_seq_len,
             cfg,
             embed,
@@ -529,8 +533,8 @@ impl LlamaModel {
     pub fn new_cache(&self) -> SeqCache {
         let n = self.stage.layers.len();
         let kv = match self.layers {
-            Layers::Tensors(_) => Kv::Tensors((0..n).map(|_| None).collect()),
-            Layers::Packed(_) => Kv::Host((0..n).map(|_| HostKv::default()).collect()),
+            Layers::Tensors { .. } => Kv::Tensors((0..n).map(|_| None).collect()),
+            Layers::Packed { .. } => Kv::Host((0..n).map(|_| HostKv::default()).collect()),
         };
         SeqCache { kv, len: 0 }
     }
@@ -566,7 +570,7 @@ impl LlamaModel {
     /// Whether the layers run on the packed CPU path (quantized weights through the
     /// `kernels` crate) rather than on candle's tensors.
     pub fn is_packed(&self) -> bool {
-        matches!(self.layers, Layers::Packed(_))
+        matches!(self.layers, Layers::Packed { .. })
     }
 
     /// Run one batched step through the whole model; returns the next-token logits (f32,
@@ -625,8 +629,10 @@ impl LlamaModel {
             positions.extend((0..it.rows).map(|j| (it.cache.len() + j) as u32));
         }
         let x = match &self.layers {
-            Layers::Tensors(blocks) => self.run_tensor_layers(blocks, x, positions, items)?,
-            Layers::Packed(layers) => self.run_packed_layers(layers, x, items)?,
+            Layers::Tensors { blocks, cos, sin } => {
+                self.run_tensor_layers(blocks, (cos, sin), x, positions, items)?
+            }
+            Layers::Packed { layers, rope } => self.run_packed_layers(layers, rope, x, items)?,
         };
         for it in items.iter_mut() {
             it.cache.len += it.rows;
@@ -637,6 +643,7 @@ impl LlamaModel {
     fn run_packed_layers(
         &self,
         layers: &[PackedLayer],
+        rope: &RopeTable,
         x: Tensor,
         items: &mut [LayerItem<'_>],
     ) -> Result<Tensor> {
@@ -664,21 +671,22 @@ impl LlamaModel {
             })
             .collect::<Result<Vec<_>>>()?;
         let shape = Shape::of(&self.cfg);
-        packed::run_layers(layers, &shape, &self.rope, &mut xs, &spans, &mut caches)?;
+        packed::run_layers(layers, &shape, rope, &mut xs, &spans, &mut caches)?;
         Ok(Tensor::from_vec(xs, (row, self.cfg.hidden), &self.device)?)
     }
 
     fn run_tensor_layers(
         &self,
         blocks: &[Block],
+        (cos, sin): (&Tensor, &Tensor),
         x: Tensor,
         positions: Vec<u32>,
         items: &mut [LayerItem<'_>],
     ) -> Result<Tensor> {
         let rows = positions.len();
         let pos_t = Tensor::from_vec(positions, rows, &self.device)?;
-        let cos = self.cos.index_select(&pos_t, 0)?.contiguous()?;
-        let sin = self.sin.index_select(&pos_t, 0)?.contiguous()?;
+        let cos = cos.index_select(&pos_t, 0)?.contiguous()?;
+        let sin = sin.index_select(&pos_t, 0)?.contiguous()?;
 
         // Causal masks for the items with more than one new token, built once for all layers.
         let masks = items
