@@ -9,6 +9,12 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub struct Sha256(pub [u8; 32]);
 
 impl Sha256 {
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        use sha2::Digest;
+        Self(sha2::Sha256::digest(bytes).into())
+    }
+
     pub fn parse(hex_digits: &str) -> Option<Self> {
         let mut out = [0u8; 32];
         hex::decode_to_slice(hex_digits, &mut out).ok()?;

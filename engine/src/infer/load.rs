@@ -22,18 +22,30 @@ pub fn load(
     head_layers: Option<std::ops::Range<usize>>,
 ) -> Result<(ModelInfo, LlamaModel)> {
     let created = model.modified_secs();
+    verified_load(model, pin, |verified| {
+        load_verified(
+            verified,
+            name,
+            created,
+            context_length,
+            weights,
+            device,
+            head_layers,
+        )
+    })
+}
+
+/// Hash every file of `model` against `pin`, then run `load` on what matched, and check, once
+/// it is over, that no file changed under it.
+fn verified_load<T>(
+    model: OpenedModel,
+    pin: &Pin,
+    load: impl FnOnce(VerifiedModel) -> Result<T>,
+) -> Result<T> {
     // INVARIANT: every file is hashed and compared with its pin before any parser sees it.
     let verified = model.verify(pin)?;
     let tripwire = verified.tripwire();
-    let loaded = load_verified(
-        verified,
-        name,
-        created,
-        context_length,
-        weights,
-        device,
-        head_layers,
-    );
+    let loaded = load(verified);
     // INVARIANT: once every byte is read, and before any error of the load is reported (a
     // file changed under the loader explains what it met): the files read are those hashed.
     tripwire.check()?;
@@ -128,13 +140,9 @@ pub fn load_worker_stage(
     weights: WeightFormat,
     device: &Device,
 ) -> Result<LlamaModel> {
-    // INVARIANT: every file is hashed and compared with its pin before any parser sees it.
-    let verified = model.verify(pin)?;
-    let tripwire = verified.tripwire();
-    let loaded = load_verified_stage(verified, layers, context_length, weights, device);
-    // INVARIANT: as in `load`, checked last and before any error of the load is reported.
-    tripwire.check()?;
-    loaded
+    verified_load(model, pin, |verified| {
+        load_verified_stage(verified, layers, context_length, weights, device)
+    })
 }
 
 fn load_verified_stage(

@@ -117,7 +117,7 @@ impl ModelFile {
         );
         let bytes = self.read_at(0, len as usize)?;
         if let Some(want) = self.verified {
-            let read = crate::digest::Sha256(Sha256::digest(&bytes).into());
+            let read = crate::digest::Sha256::of(&bytes);
             ensure!(
                 read == want,
                 "model file {} changed after it was hashed (its bytes now have SHA-256 {read}, \

@@ -201,10 +201,6 @@ pub fn files_table(pins: &BTreeMap<String, Sha256>) -> String {
 mod tests {
     use super::*;
 
-    fn sha_of(bytes: &[u8]) -> Sha256 {
-        Sha256(sha2::Sha256::digest(bytes).into())
-    }
-
     #[test]
     fn file_names_are_plain_names_inside_the_directory() {
         for ok in [
@@ -234,8 +230,8 @@ mod tests {
         std::fs::write(dir.path().join("config.json"), "{}").unwrap();
         std::fs::write(dir.path().join("tokenizer.json"), "not json at all").unwrap();
         let mut table = BTreeMap::from([
-            ("config.json".to_owned(), sha_of(b"{}")),
-            ("tokenizer.json".to_owned(), sha_of(b"the pinned bytes")),
+            ("config.json".to_owned(), Sha256::of(b"{}")),
+            ("tokenizer.json".to_owned(), Sha256::of(b"the pinned bytes")),
         ]);
         let pin = Pin::Files(table.clone());
         let opened = OpenedModel::open(dir.path(), &pin).unwrap();
@@ -245,7 +241,7 @@ mod tests {
             "{err}"
         );
 
-        table.insert("model.safetensors".into(), sha_of(b""));
+        table.insert("model.safetensors".into(), Sha256::of(b""));
         let err = format!(
             "{:#}",
             OpenedModel::open(dir.path(), &Pin::Files(table))
@@ -258,7 +254,7 @@ mod tests {
     #[test]
     fn the_pin_kind_must_match_the_path() {
         let dir = tempfile::tempdir().unwrap();
-        let err = OpenedModel::open(dir.path(), &Pin::File(sha_of(b"")))
+        let err = OpenedModel::open(dir.path(), &Pin::File(Sha256::of(b"")))
             .err()
             .unwrap();
         assert!(format!("{err:#}").contains("model.files"), "{err:#}");
@@ -272,9 +268,18 @@ mod tests {
 
     #[test]
     fn the_identity_of_a_table_changes_with_any_name_or_hash() {
-        let a = Pin::Files(BTreeMap::from([("config.json".to_owned(), sha_of(b"1"))]));
-        let b = Pin::Files(BTreeMap::from([("config.json".to_owned(), sha_of(b"2"))]));
-        let c = Pin::Files(BTreeMap::from([("config2.json".to_owned(), sha_of(b"1"))]));
+        let a = Pin::Files(BTreeMap::from([(
+            "config.json".to_owned(),
+            Sha256::of(b"1"),
+        )]));
+        let b = Pin::Files(BTreeMap::from([(
+            "config.json".to_owned(),
+            Sha256::of(b"2"),
+        )]));
+        let c = Pin::Files(BTreeMap::from([(
+            "config2.json".to_owned(),
+            Sha256::of(b"1"),
+        )]));
         assert_ne!(a.identity(), b.identity());
         assert_ne!(a.identity(), c.identity());
         assert_eq!(a.identity(), a.clone().identity());
