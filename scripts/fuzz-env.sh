@@ -43,7 +43,7 @@ fuzz_target_args() {
 }
 
 # The committed corpus keeps inputs up to this many bytes (longer ones are cut by the merge),
-# so that the repository stays small (about 12 MB in all, most of it gguf's whole files and
+# so that the repository stays small (about 13 MB in all, most of it gguf's whole files and
 # hf_directory's directories). Measured: cutting config and
 # audit_response inputs to 1 KiB loses no coverage; cutting gguf's to 4 KiB lost a quarter of
 # it, so gguf inputs are kept whole.
