@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Build the CPU peer, llama.cpp's own C++ `llama-server` (and `llama-quantize`), from the
-# llama.cpp source vendored in the llama-cpp-python 0.3.36 sdist (../shared/DESIGN.md §8 has
-# the recipe; PyPI is the only registry reachable here). Cached outside the repository under
-# $LLAMA_CPP_CACHE (default ~/.cache/bulwark/llama.cpp); prints the directory holding the
-# binaries. About 6 minutes on 2 cores the first time, instant afterwards.
+# llama.cpp source vendored in the llama-cpp-python 0.3.36 sdist, which
+# scripts/fetch-llama-cpp-sdist.sh fetches, sha256-checked, from PyPI (the only registry
+# reachable here). Cached outside the repository under $LLAMA_CPP_CACHE (default
+# ~/.cache/bulwark/llama.cpp); prints the directory holding the binaries. About 6 minutes on
+# 2 cores the first time, instant afterwards.
 set -euo pipefail
 CACHE=${LLAMA_CPP_CACHE:-$HOME/.cache/bulwark/llama.cpp}
 VERSION=0.3.36
@@ -16,13 +17,9 @@ if ! command -v cmake >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >&2 && apt-get install -y -qq cmake >/dev/null
 fi
-mkdir -p "$CACHE"
 if [ ! -d "$SRC" ]; then
-  [ -x "$CACHE/venv/bin/pip" ] || python3 -m venv "$CACHE/venv" >&2
-  "$CACHE/venv/bin/pip" install --quiet --disable-pip-version-check scikit-build-core >&2
-  "$CACHE/venv/bin/pip" download --quiet --disable-pip-version-check --no-deps \
-    --no-binary :all: --no-build-isolation --dest "$CACHE" "llama-cpp-python==$VERSION" >&2
-  tar -xzf "$CACHE/llama_cpp_python-$VERSION.tar.gz" -C "$CACHE"
+  SDIST=$("$(dirname "$0")/../scripts/fetch-llama-cpp-sdist.sh")
+  tar -xzf "$SDIST" -C "$CACHE"
 fi
 # GGML_NATIVE: the peer gets every instruction this CPU has (AVX-512 VNNI here), as it would
 # when a user builds it for their own machine.
