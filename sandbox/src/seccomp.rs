@@ -116,6 +116,8 @@ const FCNTL_COMMANDS: &[u64] = &[
     libc::F_SETFL as u64,
     libc::F_DUPFD_CLOEXEC as u64,
 ];
+/// fcntl commands on model files: reading a read lease (taking one happens before confinement).
+const FCNTL_LEASE_COMMANDS: &[u64] = &[libc::F_GETLEASE as u64];
 
 /// Calls every thread may make (memory, threads, time, signals, exit).
 const COMMON: &[Allowed] = &[
@@ -315,6 +317,11 @@ const NETWORK: &[Allowed] = &[
         SYS_fcntl,
         Args::OneOf(1, FCNTL_COMMANDS),
         "descriptor flags"
+    ),
+    allow!(
+        SYS_fcntl,
+        Args::OneOf(1, FCNTL_LEASE_COMMANDS),
+        "whether a model file's read lease was broken while the model was loaded"
     ),
     allow!(SYS_pipe2, Args::Any, "the runtime's wake-up pipe"),
     allow!(

@@ -43,6 +43,10 @@ const PROBES: &[(&str, Expect)] = &[
     ("unix_socket", Expect::Killed),
     ("signal_parent", Expect::Killed),
     ("compute_thread_accept", Expect::Killed),
+    // A model file opened before confinement: its read lease can be read (the load's
+    // tripwire), but no lease can be taken or changed once confined.
+    ("read_model_lease", Expect::Allowed),
+    ("set_model_lease", Expect::Killed),
     // Enforcement modes: another thread makes `required` refuse and `best-effort` report
     // Landlock as partial; log-only lets a forbidden call through (and reports it).
     ("required_refuses_with_threads", Expect::Denied),
@@ -168,6 +172,9 @@ fn run_probe(name: &str) {
         println!("ALLOWED survived");
         return;
     }
+    // Opened before confinement, as the server opens its model files.
+    let model = std::fs::File::open(e.model_dir.join("weights.bin")).unwrap();
+    let model_fd = std::os::fd::AsRawFd::as_raw_fd(&model) as i64;
     let prepared = sandbox::prepare(&policy).expect("prepare");
     let (status, compute) = prepared.apply().expect("apply");
     assert!(status.fully_enforced(), "{status:?}");
@@ -219,6 +226,14 @@ fn run_probe(name: &str) {
             });
             outcome(t.join().unwrap());
         }
+        "read_model_lease" => outcome(errno(raw(
+            libc::SYS_fcntl,
+            [model_fd, libc::F_GETLEASE as i64, 0, 0],
+        ))),
+        "set_model_lease" => outcome(errno(raw(
+            libc::SYS_fcntl,
+            [model_fd, libc::F_SETLEASE as i64, libc::F_UNLCK as i64, 0],
+        ))),
         other => panic!("unknown probe {other}"),
     }
 }

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import BIN, MODEL_NAME, ROOT
+from conftest import BIN, MODEL, MODEL_NAME, ROOT, Server
 
 ROUTES = [l.split() for l in (ROOT / "engine/tests/data/posture-routes.txt").read_text().splitlines()
           if l and not l.startswith("#")]
@@ -188,6 +188,36 @@ def test_startup_refusals_name_the_problem(make_server, tmp_path):
     srv.config.write_text(cfg + "\n[engine]\nthreadz = 2\n")
     r = subprocess.run([BIN, "check-config", "--config", srv.config], capture_output=True, text=True)
     assert r.returncode != 0 and "threadz" in r.stderr, r.stderr
+
+
+def test_a_model_file_open_for_writing_is_refused_and_its_lease_ends_with_the_load(tmp_path):
+    # A copy of the model, so that no other test's server shares the file.
+    model = tmp_path / MODEL.name
+    model.write_bytes(MODEL.read_bytes())
+    srv = Server(tmp_path, model=model)
+    try:
+        assert "no read lease" not in srv.logs(), srv.logs()
+        # Loaded: the lease went with the descriptors, so a writer is not held off.
+        fd = os.open(model, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        r = httpx.get(srv.url + "/v1/models", verify=srv.ssl_context(),
+                      headers={"authorization": f"Bearer {srv.key}"})
+        assert r.status_code == 200
+    finally:
+        srv.stop()
+    # A process holding the model open for writing (it could rewrite it while it is read).
+    with open(model, "r+b"):
+        r = run_serve(srv.config)
+    assert r.returncode != 0, r.stderr
+    assert str(model) in r.stderr and "open for writing" in r.stderr, r.stderr
+    # The writer gone, the same configuration serves.
+    proc = subprocess.Popen([BIN, "serve", "--config", srv.config], stderr=subprocess.PIPE, text=True)
+    try:
+        srv.proc = proc
+        srv.wait_ready()
+    finally:
+        proc.terminate()
+        proc.wait(20)
 
 
 def test_plaintext_on_loopback_when_asked(make_server):

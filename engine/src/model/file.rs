@@ -1,6 +1,6 @@
 //! A model file held open by descriptor: opened with the privileges the server started with,
 //! hashed and parsed through the descriptor after confinement, and checked unchanged once the
-//! load is over (a [`Tripwire`]).
+//! load is over (a [`Tripwire`], with the file's read lease where the kernel grants one).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, ensure};
 use sha2::{Digest, Sha256};
+
+use super::lease::{self, ReadLease};
 
 /// Read buffer for hashing: large enough that hashing a 100 MB file is I/O bound.
 const HASH_CHUNK_BYTES: usize = 1 << 20;
@@ -26,6 +28,8 @@ pub struct ModelFile {
     pub(super) file: Arc<File>,
     /// The inode as it was when the file was opened, before it was hashed.
     stamp: Stamp,
+    /// Whether the file is held under a read lease ([`ModelFile::open_leased`]).
+    leased: bool,
     /// The SHA-256 the whole file had when it was hashed and matched its pin.
     verified: Option<crate::digest::Sha256>,
 }
@@ -33,11 +37,39 @@ pub struct ModelFile {
 impl ModelFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = crate::files::open_regular(path, "model file")?;
+        Self::with_lease(path, file, false)
+    }
+
+    /// Open a file that is to be loaded under its pin, and take a read lease on it: refused,
+    /// naming the file, when some process has it open for writing or mapped writable; where
+    /// the kernel grants no lease, the log says why and the [`Tripwire`] has the file's size
+    /// and times alone.
+    pub fn open_leased(path: &Path) -> Result<Self> {
+        let file = crate::files::open_regular(path, "model file")?;
+        // INVARIANT: the lease is taken before the stamp and the hash, so that a writer that
+        // comes after both is seen, and a writer from before is refused here.
+        let leased = match lease::take(&file, path)? {
+            ReadLease::Held => true,
+            ReadLease::Unavailable(why) => {
+                tracing::warn!(
+                    file = %path.display(),
+                    why,
+                    "no read lease on the model file: changes during the load are seen by its \
+                     size and times only"
+                );
+                false
+            }
+        };
+        Self::with_lease(path, file, leased)
+    }
+
+    fn with_lease(path: &Path, file: File, leased: bool) -> Result<Self> {
         let stamp = Stamp::of(&file, path)?;
         Ok(Self {
             path: path.to_owned(),
             file: Arc::new(file),
             stamp,
+            leased,
             verified: None,
         })
     }
@@ -53,6 +85,7 @@ impl ModelFile {
             path: self.path.clone(),
             file: Arc::clone(&self.file),
             stamp: self.stamp,
+            leased: self.leased,
         }
     }
 
@@ -157,6 +190,7 @@ pub(super) struct Watched {
     path: PathBuf,
     file: Arc<File>,
     stamp: Stamp,
+    leased: bool,
 }
 
 /// Checks, once a model is loaded, that none of its files changed after it was opened: the
@@ -164,8 +198,13 @@ pub(super) struct Watched {
 /// again afterwards through the same descriptors, so a file rewritten in between (by anyone
 /// with write access to it) would be loaded unpinned.
 ///
-/// What it cannot see, and so what keeping the files writable by no one the server must not
-/// trust still matters for (the NixOS module serves them from the read-only store):
+/// A file under a read lease ([`ModelFile::open_leased`]) is refused when the lease was broken,
+/// that is when any process opened it for writing during the load, whether or not it wrote;
+/// one mapped writable before the opening was refused there. Every file is also refused when
+/// its size, mtime or ctime moved. Without a lease (the kernel grants one only to the file's
+/// owner or a holder of `CAP_LEASE`, on local filesystems), the times alone cannot see, and so
+/// keeping the files writable by no one the server must not trust still matters for (the
+/// NixOS module serves them from the read-only store):
 /// - stores through a shared writable mapping made before the file was opened: the kernel
 ///   moves the times when a store dirties a clean page, not at every store, and on tmpfs
 ///   never again after the first;
@@ -180,9 +219,17 @@ pub(super) struct Watched {
 pub struct Tripwire(pub(super) Vec<Watched>);
 
 impl Tripwire {
-    /// Fail naming the first file whose size, mtime or ctime moved since it was opened.
+    /// Fail naming the first file whose read lease was broken, or whose size, mtime or ctime
+    /// moved, since it was opened.
     pub fn check(&self) -> Result<()> {
         for w in &self.0 {
+            ensure!(
+                !(w.leased && lease::broken(&w.file, &w.path)?),
+                "model file {} was opened for writing while the model was loaded (the kernel \
+                 broke the server's read lease on it); refusing to serve what may not match \
+                 its pin",
+                w.path.display()
+            );
             let now = Stamp::of(&w.file, &w.path)?;
             ensure!(
                 now == w.stamp,
@@ -242,6 +289,34 @@ mod tests {
         let err = tripwire.check().unwrap_err().to_string();
         assert!(err.contains(&path.display().to_string()), "{err}");
         assert!(err.contains("changed while the model was loaded"), "{err}");
+    }
+
+    #[test]
+    fn a_leased_file_opened_for_writing_during_the_load_trips_it_though_unwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.gguf");
+        std::fs::write(&path, b"weights").unwrap();
+        let file = ModelFile::open_leased(&path).unwrap();
+        let tripwire = Tripwire(vec![file.watch()]);
+        tripwire.check().unwrap();
+        // Another process opens it for writing and writes nothing: its times do not move, so
+        // only the broken lease tells (a store through a mapping it made would be as silent).
+        let out = std::process::Command::new("dd")
+            .arg("if=/dev/null")
+            .arg(format!("of={}", path.display()))
+            .args(["oflag=nonblock", "conv=notrunc", "status=none"])
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "the lease did not hold the writer off"
+        );
+        let err = tripwire.check().unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(
+            err.contains("opened for writing while the model was loaded"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod arch;
 pub mod file;
 pub mod gguf;
 pub mod hf;
+pub mod lease;
 pub mod pin;
 pub mod safetensors;
 pub mod template;

@@ -3,7 +3,8 @@
 //! A GGUF model is one file pinned by `model.sha256`. A Hugging Face directory is pinned by
 //! `model.files`, a table of every file the server reads with its SHA-256. Every pinned file
 //! is opened by descriptor with the privileges the server starts with (before the user switch
-//! and Landlock), and hashed and compared before any of them is parsed. A file the loader
+//! and Landlock), under a read lease where the kernel grants one (`super::lease`), and hashed
+//! and compared before any of them is parsed. A file the loader
 //! needs that the table does not list is refused by name; a file in the directory that is not
 //! listed is never opened.
 
@@ -78,7 +79,7 @@ impl OpenedModel {
                 path.display(),
                 path.display()
             ),
-            Pin::File(_) => Ok(Self::Gguf(ModelFile::open(path)?)),
+            Pin::File(_) => Ok(Self::Gguf(ModelFile::open_leased(path)?)),
             Pin::Files(_) if !is_dir => bail!(
                 "model.files pins the files of a directory, but model.path {} is not one \
                  (a GGUF file is pinned with model.sha256)",
@@ -92,7 +93,7 @@ impl OpenedModel {
                         valid_file_name(name),
                         "model.files: {name:?} is not a plain file name in the model directory"
                     );
-                    let file = ModelFile::open(&path.join(name))
+                    let file = ModelFile::open_leased(&path.join(name))
                         .with_context(|| format!("model.files names {name}"))?;
                     files.insert(name.clone(), file);
                 }

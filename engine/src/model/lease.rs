@@ -1,0 +1,196 @@
+//! Read leases on model files (`fcntl(F_SETLEASE, F_RDLCK)`): the kernel's own word on
+//! whether any process had a model file open for writing while the server read it.
+//!
+//! A read lease cannot be taken while the file is open for writing anywhere, and a shared
+//! writable mapping keeps its file open for writing after its descriptor is closed: so a file
+//! that some process could still change in place is refused at the opening. Once taken, the
+//! lease is broken by any later opening for writing (or truncation), by any process, and
+//! `F_GETLEASE` then no longer answers `F_RDLCK`: the [`super::file::Tripwire`] asks it at the
+//! end of the load. That covers what the file's times cannot show (stores through a mapping,
+//! writes within one timestamp tick). A writer that does not ask for non-blocking I/O waits
+//! until the load is over (the descriptors close, and the lease with them) or
+//! `fs.lease-break-time` (45 s by default) has passed.
+//!
+//! The kernel grants leases only to the file's owner or a holder of `CAP_LEASE`, on
+//! filesystems that support them (not FUSE or network filesystems): where it refuses, the
+//! file is watched by its size and times alone, and the log says so.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Once;
+
+use anyhow::{Result, bail};
+
+/// Whether a file is held under a read lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadLease {
+    Held,
+    /// The kernel would not grant one (the reason, for the log).
+    Unavailable(&'static str),
+}
+
+/// Take a read lease on `file`, which was opened read-only from `path`. Fails naming the file
+/// when some process has it open for writing or mapped writable.
+pub fn take(file: &File, path: &Path) -> Result<ReadLease> {
+    ignore_lease_break_signal();
+    // SAFETY: fcntl on a descriptor this `File` owns; F_SETLEASE takes an int argument.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
+    if rc == 0 {
+        return Ok(ReadLease::Held);
+    }
+    let err = std::io::Error::last_os_error();
+    Ok(ReadLease::Unavailable(match err.raw_os_error() {
+        Some(libc::EAGAIN) => bail!(
+            "model file {} is open for writing (or mapped writable) by some process, so it \
+             could change while it is hashed and read; refusing to load it: stop that \
+             writer, or serve a copy no one writes",
+            path.display()
+        ),
+        Some(libc::EACCES) => "the server's user neither owns the file nor has CAP_LEASE",
+        Some(libc::EINVAL) => "its filesystem grants no leases (or fs.leases-enable is 0)",
+        _ => "the kernel refused it",
+    }))
+}
+
+/// Whether the lease taken on `file` was broken (by an opening for writing or a truncation)
+/// since [`take`] returned [`ReadLease::Held`].
+pub fn broken(file: &File, path: &Path) -> Result<bool> {
+    // SAFETY: fcntl on a descriptor this `File` owns; F_GETLEASE takes no argument.
+    let lease = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLEASE) };
+    if lease < 0 {
+        bail!(
+            "asking the kernel whether the read lease on model file {} is intact: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    // While a break is pending F_GETLEASE answers the type the lease is going to (F_UNLCK for
+    // a read lease), and once it is over, F_UNLCK.
+    Ok(lease != libc::F_RDLCK)
+}
+
+/// The kernel tells a lease holder of a break with SIGIO, whose default action ends the
+/// process. The server never handles it: the break is read from `F_GETLEASE` instead, and an
+/// ignored SIGIO leaves the breaker waiting for the lease to be released, as intended.
+fn ignore_lease_break_signal() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code.
+        unsafe { libc::signal(libc::SIGIO, libc::SIG_IGN) };
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::process::Command;
+
+    fn file_of(bytes: &[u8]) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.gguf");
+        std::fs::write(&path, bytes).unwrap();
+        (dir, path)
+    }
+
+    /// Another process opens `path` for writing, without blocking, as a writer of the model
+    /// file would (it is refused while the break is pending, but the break is made).
+    fn open_for_writing_in_a_child(path: &Path) {
+        let out = Command::new("dd")
+            .arg("if=/dev/null")
+            .arg(format!("of={}", path.display()))
+            .args(["oflag=nonblock", "conv=notrunc", "status=none"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("Resource temporarily unavailable"),
+            "the lease did not hold the writer off: {stderr}"
+        );
+    }
+
+    #[test]
+    fn an_untouched_file_keeps_its_lease() {
+        let (_dir, path) = file_of(b"weights");
+        let file = File::open(&path).unwrap();
+        assert_eq!(take(&file, &path).unwrap(), ReadLease::Held);
+        // Other readers do not break a read lease.
+        std::fs::read(&path).unwrap();
+        assert!(!broken(&file, &path).unwrap());
+    }
+
+    #[test]
+    fn another_process_opening_it_for_writing_breaks_the_lease() {
+        let (_dir, path) = file_of(b"weights");
+        let file = File::open(&path).unwrap();
+        assert_eq!(take(&file, &path).unwrap(), ReadLease::Held);
+        open_for_writing_in_a_child(&path);
+        assert!(broken(&file, &path).unwrap());
+        // The signal the kernel sent for the break did not end this process.
+    }
+
+    #[test]
+    fn a_file_mapped_writable_beforehand_is_refused_naming_it() {
+        let (_dir, path) = file_of(&[0u8; 4096]);
+        let w = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        // SAFETY: a fresh shared mapping of a 4 KiB file this test owns, unmapped below.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                w.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(map, libc::MAP_FAILED);
+        // The descriptor is gone; the mapping still writes to the file.
+        drop(w);
+        let file = File::open(&path).unwrap();
+        let err = take(&file, &path).unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(
+            err.contains("open for writing (or mapped writable)"),
+            "{err}"
+        );
+        // SAFETY: the mapping made above, of that length.
+        unsafe { libc::munmap(map, 4096) };
+        assert_eq!(take(&file, &path).unwrap(), ReadLease::Held);
+    }
+
+    #[test]
+    fn a_file_another_process_holds_open_for_writing_is_refused() {
+        let (_dir, path) = file_of(b"weights");
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(r#"exec 3>>"$1"; echo open; read _"#)
+            .arg("sh")
+            .arg(&path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line, "open\n");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        let err = take(&file, &path).unwrap_err().to_string();
+        drop(child.stdin.take());
+        child.wait().unwrap();
+        assert!(err.contains("open for writing"), "{err}");
+    }
+}
