@@ -211,13 +211,15 @@ def test_a_model_file_open_for_writing_is_refused_and_its_lease_ends_with_the_lo
     assert r.returncode != 0, r.stderr
     assert str(model) in r.stderr and "open for writing" in r.stderr, r.stderr
     # The writer gone, the same configuration serves.
-    proc = subprocess.Popen([BIN, "serve", "--config", srv.config], stderr=subprocess.PIPE, text=True)
+    srv.log_path = tmp_path / "again.log"  # what wait_ready reports if it fails
+    with open(srv.log_path, "w") as log:
+        srv.proc = subprocess.Popen([BIN, "serve", "--config", srv.config], stdout=log,
+                                    stderr=subprocess.STDOUT)
     try:
-        srv.proc = proc
         srv.wait_ready()
     finally:
-        proc.terminate()
-        proc.wait(20)
+        srv.proc.terminate()
+        srv.proc.wait(20)
 
 
 def test_plaintext_on_loopback_when_asked(make_server):

@@ -50,6 +50,14 @@ impl ModelFile {
         // comes after both is seen, and a writer from before is refused here.
         let leased = match lease::take(&file, path)? {
             ReadLease::Held => true,
+            ReadLease::NoneOnReadOnlyMount(why) => {
+                tracing::info!(
+                    file = %path.display(),
+                    why,
+                    "no read lease on the model file, which is on a read-only mount"
+                );
+                false
+            }
             ReadLease::Unavailable(why) => {
                 tracing::warn!(
                     file = %path.display(),

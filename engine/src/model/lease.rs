@@ -11,9 +11,12 @@
 //! until the load is over (the descriptors close, and the lease with them) or
 //! `fs.lease-break-time` (45 s by default) has passed.
 //!
-//! The kernel grants leases only to the file's owner or a holder of `CAP_LEASE`, on
-//! filesystems that support them (not FUSE or network filesystems): where it refuses, the
-//! file is watched by its size and times alone, and the log says so.
+//! A lease is asked for only on the local filesystems of [`LOCAL_FILESYSTEMS`], where every
+//! opening goes through this kernel: on a network or FUSE filesystem other hosts (or the FUSE
+//! server) write without it seeing, and NFS and SMB refuse a lease with the very EAGAIN that
+//! means "open for writing" here. The kernel grants one only to the file's owner or a holder
+//! of `CAP_LEASE`. Where there is no lease, the file is watched by its size and times alone,
+//! and the log says why (at warning level, unless the file's mount is read-only).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -26,13 +29,72 @@ use anyhow::{Result, bail};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadLease {
     Held,
-    /// The kernel would not grant one (the reason, for the log).
+    /// None was taken (the reason, for the log), but the file's mount is read-only, so nothing
+    /// writes to it through that mount (the NixOS store, served by an unprivileged user).
+    NoneOnReadOnlyMount(&'static str),
+    /// None was taken (the reason, for the log).
     Unavailable(&'static str),
+}
+
+/// Filesystems (`statfs` magic numbers) on which every opening of a file goes through this
+/// kernel, so a lease sees every writer: the only ones a lease is asked for on.
+const LOCAL_FILESYSTEMS: &[(i64, &str)] = &[
+    (libc::EXT4_SUPER_MAGIC, "ext2, ext3, ext4"),
+    (0x5846_5342, "xfs (XFS_SUPER_MAGIC)"),
+    (libc::BTRFS_SUPER_MAGIC, "btrfs"),
+    (libc::F2FS_SUPER_MAGIC, "f2fs"),
+    (libc::BCACHEFS_SUPER_MAGIC, "bcachefs"),
+    (0x2fc1_2fc1, "zfs (OpenZFS's ZFS_SUPER_MAGIC)"),
+    (libc::TMPFS_MAGIC, "tmpfs"),
+    (
+        libc::OVERLAYFS_SUPER_MAGIC,
+        "overlayfs, a container's root: openings through the overlay; its lower layers are \
+         read-only",
+    ),
+    (0x7371_7368, "squashfs (SQUASHFS_MAGIC), read-only images"),
+];
+
+fn is_local(magic: i64) -> bool {
+    LOCAL_FILESYSTEMS.iter().any(|(m, _)| *m == magic)
+}
+
+/// The filesystem under `file`: its magic number, and whether its mount is read-only.
+fn filesystem(file: &File, path: &Path) -> Result<(i64, bool)> {
+    // SAFETY: zeroed statfs and statvfs are valid buffers for the kernel to fill; the
+    // descriptor is this `File`'s own.
+    let (fs, vfs) = unsafe {
+        let mut fs: libc::statfs = std::mem::zeroed();
+        let mut vfs: libc::statvfs = std::mem::zeroed();
+        let fd = file.as_raw_fd();
+        if libc::fstatfs(fd, &mut fs) != 0 || libc::fstatvfs(fd, &mut vfs) != 0 {
+            bail!(
+                "reading the filesystem of model file {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        (fs, vfs)
+    };
+    Ok((fs.f_type, vfs.f_flag & libc::ST_RDONLY != 0))
 }
 
 /// Take a read lease on `file`, which was opened read-only from `path`. Fails naming the file
 /// when some process has it open for writing or mapped writable.
 pub fn take(file: &File, path: &Path) -> Result<ReadLease> {
+    let (magic, read_only) = filesystem(file, path)?;
+    if !is_local(magic) {
+        // A read-only mount of a network filesystem says nothing of its server's writers.
+        return Ok(ReadLease::Unavailable(
+            "not a local filesystem: a lease there would not see every writer",
+        ));
+    }
+    let none = |why| {
+        Ok(if read_only {
+            ReadLease::NoneOnReadOnlyMount(why)
+        } else {
+            ReadLease::Unavailable(why)
+        })
+    };
     ignore_lease_break_signal();
     // SAFETY: fcntl on a descriptor this `File` owns; F_SETLEASE takes an int argument.
     let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
@@ -40,17 +102,20 @@ pub fn take(file: &File, path: &Path) -> Result<ReadLease> {
         return Ok(ReadLease::Held);
     }
     let err = std::io::Error::last_os_error();
-    Ok(ReadLease::Unavailable(match err.raw_os_error() {
+    none(match err.raw_os_error() {
         Some(libc::EAGAIN) => bail!(
             "model file {} is open for writing (or mapped writable) by some process, so it \
              could change while it is hashed and read; refusing to load it: stop that \
              writer, or serve a copy no one writes",
             path.display()
         ),
-        Some(libc::EACCES) => "the server's user neither owns the file nor has CAP_LEASE",
+        Some(libc::EACCES) => {
+            "the server's user neither owns the file nor has CAP_LEASE (or a security module \
+             refused the lease)"
+        }
         Some(libc::EINVAL) => "its filesystem grants no leases (or fs.leases-enable is 0)",
         _ => "the kernel refused it",
-    }))
+    })
 }
 
 /// Whether the lease taken on `file` was broken (by an opening for writing or a truncation)
@@ -103,11 +168,35 @@ mod tests {
             .args(["oflag=nonblock", "conv=notrunc", "status=none"])
             .output()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        // dd fails to open it (EWOULDBLOCK while the break is pending).
         assert!(
-            stderr.contains("Resource temporarily unavailable"),
-            "the lease did not hold the writer off: {stderr}"
+            !out.status.success(),
+            "the lease did not hold the writer off: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    #[test]
+    fn leases_are_asked_for_on_local_filesystems_only() {
+        assert!(is_local(libc::EXT4_SUPER_MAGIC));
+        assert!(is_local(libc::TMPFS_MAGIC));
+        // NFS and SMB answer EAGAIN when they hold no delegation or oplock, which would read
+        // as "open for writing"; FUSE's server writes where the kernel does not see.
+        for remote in [
+            libc::NFS_SUPER_MAGIC,
+            libc::SMB_SUPER_MAGIC,
+            libc::FUSE_SUPER_MAGIC,
+        ] {
+            assert!(!is_local(remote), "{remote:#x}");
+        }
+    }
+
+    #[test]
+    fn the_test_directory_is_on_a_local_filesystem() {
+        // Otherwise every test below would pass for want of a lease, proving nothing.
+        let (_dir, path) = file_of(b"weights");
+        let (magic, _) = filesystem(&File::open(&path).unwrap(), &path).unwrap();
+        assert!(is_local(magic), "{magic:#x}");
     }
 
     #[test]
