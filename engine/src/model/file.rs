@@ -309,16 +309,7 @@ mod tests {
         tripwire.check().unwrap();
         // Another process opens it for writing and writes nothing: its times do not move, so
         // only the broken lease tells (a store through a mapping it made would be as silent).
-        let out = std::process::Command::new("dd")
-            .arg("if=/dev/null")
-            .arg(format!("of={}", path.display()))
-            .args(["oflag=nonblock", "conv=notrunc", "status=none"])
-            .output()
-            .unwrap();
-        assert!(
-            !out.status.success(),
-            "the lease did not hold the writer off"
-        );
+        lease::open_for_writing_in_a_child(&path);
         let err = tripwire.check().unwrap_err().to_string();
         assert!(err.contains(&path.display().to_string()), "{err}");
         assert!(

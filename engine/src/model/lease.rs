@@ -146,6 +146,25 @@ fn ignore_lease_break_signal() {
     });
 }
 
+/// Another process opens `path` for writing, without blocking, as a writer of the model file
+/// would (it is refused while the break is pending, but the break is made); fails the test if
+/// the opening succeeded, that is if no lease held the writer off.
+#[cfg(test)]
+pub(super) fn open_for_writing_in_a_child(path: &Path) {
+    let out = std::process::Command::new("dd")
+        .arg("if=/dev/null")
+        .arg(format!("of={}", path.display()))
+        .args(["oflag=nonblock", "conv=notrunc", "status=none"])
+        .output()
+        .unwrap();
+    // dd fails to open it (EWOULDBLOCK while the break is pending).
+    assert!(
+        !out.status.success(),
+        "the lease did not hold the writer off: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,23 +176,6 @@ mod tests {
         let path = dir.path().join("model.gguf");
         std::fs::write(&path, bytes).unwrap();
         (dir, path)
-    }
-
-    /// Another process opens `path` for writing, without blocking, as a writer of the model
-    /// file would (it is refused while the break is pending, but the break is made).
-    fn open_for_writing_in_a_child(path: &Path) {
-        let out = Command::new("dd")
-            .arg("if=/dev/null")
-            .arg(format!("of={}", path.display()))
-            .args(["oflag=nonblock", "conv=notrunc", "status=none"])
-            .output()
-            .unwrap();
-        // dd fails to open it (EWOULDBLOCK while the break is pending).
-        assert!(
-            !out.status.success(),
-            "the lease did not hold the writer off: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
     }
 
     #[test]

@@ -4,9 +4,8 @@
 //! `model.files`, a table of every file the server reads with its SHA-256. Every pinned file
 //! is opened by descriptor with the privileges the server starts with (before the user switch
 //! and Landlock), under a read lease where the kernel grants one (`super::lease`), and hashed
-//! and compared before any of them is parsed. A file the loader
-//! needs that the table does not list is refused by name; a file in the directory that is not
-//! listed is never opened.
+//! and compared before any of them is parsed. A file the loader needs that the table does not
+//! list is refused by name; a file in the directory that is not listed is never opened.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
