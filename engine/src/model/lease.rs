@@ -22,6 +22,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Once;
+use std::time::Duration;
 
 use anyhow::{Result, bail};
 
@@ -35,6 +36,13 @@ pub enum ReadLease {
     /// None was taken (the reason, for the log).
     Unavailable(&'static str),
 }
+
+/// How long a file may look open for writing before it is refused. A process that forks while
+/// it holds a writable descriptor (any program that writes a file and starts another) leaves
+/// the child a copy until the child's exec or exit closes it, a few milliseconds: that is not
+/// a writer of the model, and a writer that is stays open past this.
+const WRITER_GRACE: Duration = Duration::from_millis(500);
+const WRITER_POLL: Duration = Duration::from_millis(25);
 
 /// Filesystems (`statfs` magic numbers) on which every opening of a file goes through this
 /// kernel, so a lease sees every writer: the only ones a lease is asked for on.
@@ -96,12 +104,20 @@ pub fn take(file: &File, path: &Path) -> Result<ReadLease> {
         })
     };
     ignore_lease_break_signal();
-    // SAFETY: fcntl on a descriptor this `File` owns; F_SETLEASE takes an int argument.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
-    if rc == 0 {
-        return Ok(ReadLease::Held);
-    }
-    let err = std::io::Error::last_os_error();
+    let mut waited = Duration::ZERO;
+    let err = loop {
+        // SAFETY: fcntl on a descriptor this `File` owns; F_SETLEASE takes an int argument.
+        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
+        if rc == 0 {
+            return Ok(ReadLease::Held);
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EAGAIN) || waited >= WRITER_GRACE {
+            break err;
+        }
+        std::thread::sleep(WRITER_POLL);
+        waited += WRITER_POLL;
+    };
     none(match err.raw_os_error() {
         Some(libc::EAGAIN) => bail!(
             "model file {} is open for writing (or mapped writable) by some process, so it \
